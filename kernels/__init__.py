@@ -1,0 +1,79 @@
+"""The op API of the GPT: attention, LayerNorm and the loss, each with interchangeable backends.
+
+    kernels.causal_attention(q, k, v, scale=None)
+    kernels.layer_norm(x, weight, bias, eps=1e-5)
+    kernels.cross_entropy(logits, targets, ignore_index=-100)
+    kernels.linear_cross_entropy(hidden, weight, targets, ignore_index=-100)
+    kernels.set_backend(name) / kernels.get_backend() / with kernels.backend(name): ...
+
+Every call validates its inputs (a TypeError or ValueError that names the argument and what it got),
+then runs the backend chosen in ``kernels/backends.py``.  Importing this package needs neither a GPU
+nor a compiled extension.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _validate, reference
+from .backends import (
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    backend,
+    get_backend,
+    resolve,
+    set_backend,
+)
+
+__all__ = [
+    "causal_attention",
+    "layer_norm",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "set_backend",
+    "get_backend",
+    "backend",
+    "available_backends",
+    "BackendUnavailableError",
+    "BACKENDS",
+    "reference",
+]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Causal attention ``softmax(q k^T * scale + mask) v``.
+
+    q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tq <= Tk; all one dtype and device.  The causal mask is
+    aligned bottom-right: query i sees keys 0..i + Tk - Tq, so Tq < Tk serves KV-cache decoding.
+    ``scale`` defaults to 1/sqrt(D).  Returns (B, H, Tq, D) in q's dtype.
+    """
+    _validate.check_attention(q, k, v, scale)
+    return resolve("causal_attention", q.device)(q, k, v, scale)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dim of x (..., C) with weight and bias of shape (C,); returns x's dtype."""
+    _validate.check_layer_norm(x, weight, bias, eps)
+    return resolve("layer_norm", x.device)(x, weight, bias, eps)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of logits (N, V) (or (..., V)) against integer targets (N,) (or (...)).
+
+    Targets equal to ``ignore_index`` are skipped and the mean is over the others (0 when all are
+    ignored).  Returns a float32 scalar (float64 for float64 logits).
+    """
+    _validate.check_cross_entropy(logits, targets, ignore_index)
+    return resolve("cross_entropy", logits.device)(logits, targets, ignore_index)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """``cross_entropy(hidden @ weight.T, targets)``: the LM head and the loss as one op.
+
+    hidden: (N, C) (or (..., C)); weight: (V, C), same dtype as hidden; targets: (N,) (or (...)).
+    Backends that fuse it never materialize the (N, V) logits.
+    """
+    _validate.check_linear_cross_entropy(hidden, weight, targets, ignore_index)
+    return resolve("linear_cross_entropy", hidden.device)(hidden, weight, targets, ignore_index)

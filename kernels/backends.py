@@ -1,0 +1,148 @@
+"""The one place that decides which implementation of an op runs.
+
+Backends, by name:
+
+* ``"torch"``  -- the pure-PyTorch reference (``kernels/reference.py``); runs on any device.
+* ``"triton"`` -- hand-written Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+* ``"cuda"``   -- the C++/CUDA extension ``kernels._C`` built by ``pip install -e .``.
+* ``"auto"``   -- the fastest backend that can run on the tensors' device (the default).
+
+The choice comes, in order, from ``with kernels.backend(name):``, ``kernels.set_backend(name)``,
+the ``LLM_KERNELS`` environment variable, and finally ``"auto"``.
+
+A backend provides an op by registering an implementation with :func:`register`.  An explicitly
+requested backend that cannot run an op raises :class:`BackendUnavailableError` naming what is
+missing; "auto" falls back along its preference list and says so once.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+OPS = ("causal_attention", "layer_norm", "cross_entropy", "linear_cross_entropy")
+
+# What "auto" tries, fastest first, per device type.  Today only the reference exists; the Triton and
+# CUDA backends join these lists when their kernels land (and, for "cuda", when GPU measurements show
+# it beats Triton).  A backend that has not registered an op is skipped with a one-time notice.
+AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cuda": ("triton", "torch"),
+    "cpu": ("torch",),
+}
+
+_IMPLS: dict[str, dict[str, Callable]] = {name: {} for name in BACKENDS if name != "auto"}
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("llm_kernels_backend", default=None)
+_warned: set[tuple[str, str, str]] = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run the requested op on the given device."""
+
+
+def _check_name(name: str, source: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"unknown kernels backend {name!r} from {source}; choose one of {', '.join(BACKENDS)}")
+    return name.lower()
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for every following op call in this context ("auto" restores the default)."""
+    _override.set(_check_name(name, "set_backend()"))
+
+
+def get_backend() -> str:
+    """The requested backend name: set_backend/backend() first, then $LLM_KERNELS, then "auto"."""
+    name = _override.get()
+    if name is not None:
+        return name
+    return _check_name(os.environ.get("LLM_KERNELS", "auto"), "the LLM_KERNELS environment variable")
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """``with kernels.backend("torch"): ...`` runs the block on that backend, then restores the previous one."""
+    token = _override.set(_check_name(name, "backend()"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def register(backend_name: str, op: str) -> Callable[[Callable], Callable]:
+    """Decorator: ``@register("triton", "layer_norm")`` makes a function that backend's ``layer_norm``."""
+    if backend_name not in _IMPLS:
+        raise ValueError(f"cannot register for backend {backend_name!r}; known: {', '.join(_IMPLS)}")
+    if op not in OPS:
+        raise ValueError(f"cannot register unknown op {op!r}; known: {', '.join(OPS)}")
+
+    def decorator(fn: Callable) -> Callable:
+        _IMPLS[backend_name][op] = fn
+        return fn
+
+    return decorator
+
+
+def _load_backend(name: str) -> str | None:
+    """Import the backend's modules so they can register; return why it cannot run, or None."""
+    if name == "torch":
+        from . import _torch_backend  # noqa: F401  (registers the reference)
+        return None
+    if name == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            return f"triton is not installed ({exc}); `pip install triton`"
+        return None
+    if name == "cuda":
+        try:
+            from . import _C  # noqa: F401
+        except ImportError as exc:
+            return f"the C++/CUDA extension kernels._C is not built or failed to load ({exc}); run `pip install -e . --no-build-isolation`"
+        return None
+    raise AssertionError(name)
+
+
+def unavailable_reason(name: str, op: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run ``op`` on ``device``, or None when it can."""
+    reason = _load_backend(name)
+    if reason:
+        return reason
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run them on the CPU), got tensors on {device}"
+    if op not in _IMPLS[name]:
+        return f"this version of the package has no {name} implementation of {op}"
+    return None
+
+
+def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:
+    """For each concrete backend: None if it can run every op on ``device``, else the first reason it cannot."""
+    device = torch.device(device)
+    report = {}
+    for name in _IMPLS:
+        reasons = [unavailable_reason(name, op, device) for op in OPS]
+        report[name] = next((r for r in reasons if r), None)
+    return report
+
+
+def resolve(op: str, device: torch.device) -> Callable:
+    """The implementation of ``op`` to run on tensors living on ``device``."""
+    requested = get_backend()
+    if requested != "auto":
+        reason = unavailable_reason(requested, op, device)
+        if reason:
+            raise BackendUnavailableError(f"kernels backend {requested!r} cannot run {op} on {device}: {reason}")
+        return _IMPLS[requested][op]
+    for name in AUTO_PREFERENCE.get(device.type, ("torch",)):
+        reason = unavailable_reason(name, op, device)
+        if reason is None:
+            return _IMPLS[name][op]
+        key = (name, op, device.type)
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f"kernels: auto skips the {name} backend for {op} on {device.type}: {reason}", stacklevel=3)
+    raise AssertionError("the torch backend runs everywhere")  # pragma: no cover

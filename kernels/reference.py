@@ -1,0 +1,125 @@
+"""The pure-PyTorch reference for every op: the oracle the tests compare against and the CPU fallback.
+
+Written from the math, the way the book derives it, and deliberately plain:
+
+* attention is an explicit ``softmax(q k^T * scale + causal_mask) v`` with the (Tq, Tk) score matrix
+  in memory;
+* LayerNorm is the biased mean/variance of the last dimension;
+* cross-entropy is a log-softmax followed by a gather of the target's log-probability.
+
+Every op computes in float32 (float64 stays float64) whatever the input dtype, with autocast switched
+off so that a surrounding ``torch.autocast`` cannot quietly downcast the matmuls, and returns the
+input's dtype.  The one exception is the loss: like ``F.cross_entropy`` under autocast it is returned
+in float32, because a bfloat16 scalar keeps only ~3 significant digits of the loss.
+
+None of these functions call ``F.scaled_dot_product_attention``, ``F.layer_norm`` or
+``F.cross_entropy``: those are PyTorch's own fast paths, the baselines the benchmarks measure against,
+and an oracle must not be one of the things it judges.  Gradients come from autograd through these
+same expressions.
+
+Inputs are assumed valid here; ``kernels/_validate.py`` checks them once, in the public API.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+__all__ = ["causal_attention", "layer_norm", "cross_entropy", "linear_cross_entropy"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything narrower (fp16, bf16, fp32) is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _exact(device: torch.device):
+    """A region where autocast is off, so fp32 matmuls really run in fp32."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Causal scaled dot-product attention, ``softmax(q k^T * scale + mask) v``.
+
+    q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tq <= Tk.  Returns (B, H, Tq, D) in q's dtype.
+
+    The mask is aligned bottom-right: the Tq queries are the *last* Tq positions of the Tk-long
+    sequence, so query i (0-based) sits at absolute position i + Tk - Tq and sees keys 0..i + Tk - Tq.
+    With Tq == Tk this is the usual lower-triangular mask; with Tq < Tk it is what a KV cache needs
+    (new queries attend to all cached keys plus the new ones up to themselves).
+    """
+    out_dtype = q.dtype
+    Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    with _exact(q.device):
+        acc = _compute_dtype(q.dtype)
+        q, k, v = q.to(acc), k.to(acc), v.to(acc)
+        scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+        # keep[i, j] is True where key j is visible to query i: j <= i + (Tk - Tq)
+        keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+        scores = scores.masked_fill(~keep, float("-inf"))
+        # softmax written out: subtracting the row max keeps exp() from overflowing; it changes
+        # nothing mathematically (softmax is shift invariant), so it carries no gradient.
+        row_max = scores.amax(dim=-1, keepdim=True).detach()
+        weights = torch.exp(scores - row_max)
+        probs = weights / weights.sum(dim=-1, keepdim=True)  # (B, H, Tq, Tk), rows sum to 1
+        out = probs @ v  # (B, H, Tq, D)
+    return out.to(out_dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dimension: ``(x - mean) / sqrt(var + eps) * weight + bias``.
+
+    x: (..., C); weight, bias: (C,).  The variance is the biased one (divide by C), as in GPT-2.
+    Returns x's shape and dtype.
+    """
+    out_dtype = x.dtype
+    with _exact(x.device):
+        acc = _compute_dtype(x.dtype)
+        x = x.to(acc)
+        mean = x.mean(dim=-1, keepdim=True)  # (..., 1)
+        var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)  # (..., 1)
+        x_hat = (x - mean) * torch.rsqrt(var + eps)  # (..., C), zero mean, unit variance
+        y = x_hat * weight.to(acc) + bias.to(acc)
+    return y.to(out_dtype)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean negative log-likelihood of ``targets`` under ``softmax(logits)``.
+
+    logits: (..., V); targets: logits.shape[:-1], integer class ids.  Positions whose target equals
+    ``ignore_index`` contribute nothing, and the mean is over the remaining positions.  When every
+    target is ignored the loss is 0 (not 0/0 = nan as in ``F.cross_entropy``), so a fully-masked batch
+    in fine-tuning cannot poison training.  Returns a float32 scalar (float64 for float64 logits).
+    """
+    with _exact(logits.device):
+        acc = _compute_dtype(logits.dtype)
+        logits = logits.to(acc).reshape(-1, logits.shape[-1])  # (N, V)
+        targets = targets.reshape(-1)  # (N,)
+        # log-softmax written out: log p_j = z_j - log(sum_i exp(z_i)), stabilised by the row max
+        row_max = logits.amax(dim=-1, keepdim=True).detach()  # (N, 1)
+        log_norm = row_max + torch.log(torch.exp(logits - row_max).sum(dim=-1, keepdim=True))  # (N, 1)
+        log_probs = logits - log_norm  # (N, V)
+        keep = targets != ignore_index  # (N,)
+        safe_targets = torch.where(keep, targets, torch.zeros_like(targets)).long()  # any valid index
+        nll = -log_probs.gather(1, safe_targets.unsqueeze(1)).squeeze(1)  # (N,)
+        nll = torch.where(keep, nll, torch.zeros_like(nll))
+        count = keep.sum().clamp(min=1)
+        return nll.sum() / count
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """The LM head and the loss in one op: ``cross_entropy(hidden @ weight.T, targets)``.
+
+    hidden: (..., C); weight: (V, C); targets: hidden.shape[:-1].  The reference simply materializes
+    the (N, V) logits in fp32; the fused kernels exist precisely so that they never have to.
+    """
+    with _exact(hidden.device):
+        acc = _compute_dtype(hidden.dtype)
+        logits = hidden.to(acc) @ weight.to(acc).t()  # (..., V)
+    return cross_entropy(logits, targets, ignore_index)

@@ -1,0 +1,28 @@
+"""Shared pytest setup.
+
+GPU-only tests carry ``@pytest.mark.gpu`` and are skipped cleanly when no CUDA device is present.
+Data and the GPT-2 vocabulary come from the environment (``LLM_DATA_DIR``, ``TIKTOKEN_CACHE_DIR``);
+on a machine with internet the project downloads them itself.  Anything a test writes goes to a
+per-session temporary cache (``LLM_CACHE_DIR``) so the user's own cache is never touched.
+"""
+import os
+
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    # Must be set before any test imports llm.data; tmp dirs from pytest come too late for that.
+    if "LLM_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["LLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="llm-test-cache-")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
