@@ -1,0 +1,157 @@
+"""Causal attention throughput: every provider side by side, in one run.
+
+    python bench/attention.py            # GPU: bf16, D in {64, 128}, T = 512 .. 16384 at 16K tokens per batch
+    python bench/attention.py --quick    # CPU-sized smoke run (what CI runs)
+
+Providers: our backends that can run here ("triton", "cuda" through the kernels API), the pure-PyTorch
+reference, and ``F.scaled_dot_product_attention`` with each backend PyTorch offers on the device
+(flash, efficient, cuDNN on a GPU; math everywhere).  A provider that cannot run a shape is reported
+as skipped with the reason, never silently dropped.
+
+FLOPs (causal, so half of the T x T matmuls is masked away): forward 2*B*H*T^2*D (two matmuls of
+2*T^2*D each, halved); backward 2.5x the forward (five matmuls instead of two); fwd+bwd 3.5x.
+The model width H*D is fixed at 2048 (so H = 2048 / D), as in the FlashAttention papers' benchmarks.
+Writes a CSV, a Markdown table and a PNG under bench/results/ (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import kernels  # noqa: E402
+from bench.common import bench, environment, markdown_table, write_results  # noqa: E402
+from kernels.backends import unavailable_reason  # noqa: E402
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+
+
+def sdpa_provider(backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    which = getattr(SDPBackend, backend_name.upper())
+
+    def run(q, k, v):
+        with sdpa_kernel(which):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return run
+
+
+def ours_provider(name: str):
+    def run(q, k, v):
+        with kernels.backend(name):
+            return kernels.causal_attention(q, k, v)
+
+    return run
+
+
+def providers(device: torch.device) -> dict:
+    found = {}
+    for name in ("triton", "cuda"):
+        reason = unavailable_reason(name, "causal_attention", device)
+        found[name] = ours_provider(name) if reason is None else reason
+    found["reference"] = kernels.reference.causal_attention
+    sdpa = ("flash_attention", "efficient_attention", "cudnn_attention", "math") if device.type == "cuda" else ("math",)
+    for b in sdpa:
+        found[f"sdpa-{b.split('_')[0]}"] = sdpa_provider(b)
+    return found
+
+
+def measure(fn, B, H, T, D, dtype, device, mode, reps) -> float:
+    """Median ms of one mode; raises whatever the provider raises for an unsupported shape."""
+    q, k, v = (torch.randn(B, H, T, D, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
+    if mode == "fwd":
+        with torch.no_grad():
+            return bench(lambda: fn(q, k, v), device=device, reps=reps)
+    out = fn(q, k, v)
+    grad = torch.randn_like(out)
+    if mode == "bwd":
+        return bench(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True), device=device, reps=reps)
+    return bench(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad), device=device, reps=reps)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = sorted({r["D"] for r in rows})
+    fig, axes = plt.subplots(len(dims), len(MODES), figsize=(5 * len(MODES), 3.6 * len(dims)), squeeze=False)
+    for i, D in enumerate(dims):
+        for j, mode in enumerate(MODES):
+            ax = axes[i][j]
+            sel = [r for r in rows if r["D"] == D and r["mode"] == mode and isinstance(r["tflops"], float)]
+            for prov in dict.fromkeys(r["provider"] for r in sel):
+                pts = [(r["T"], r["tflops"]) for r in sel if r["provider"] == prov]
+                ax.plot(*zip(*pts), marker="o", label=prov)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{mode}, D={D}")
+            ax.set_xlabel("sequence length T")
+            ax.set_ylabel("TFLOP/s")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny CPU-sized shapes (a smoke run)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--dims", type=int, nargs="+", default=None, help="head dims D (default 64 128; quick: 16 32)")
+    p.add_argument("--seqlens", type=int, nargs="+", default=None, help="sequence lengths T")
+    p.add_argument("--tokens", type=int, default=None, help="B*T per batch (default 16384; quick: 256)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quick = args.quick or device.type == "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
+    dims = args.dims or ([16, 32] if quick else [64, 128])
+    seqlens = args.seqlens or ([64, 128] if quick else [512, 1024, 2048, 4096, 8192, 16384])
+    tokens = args.tokens or (256 if quick else 16384)
+    reps = args.reps or (3 if quick else 20)
+    width = 64 if quick else 2048
+
+    env = environment()
+    print(f"causal attention, {str(dtype).replace('torch.', '')}, {tokens} tokens per batch, H*D = {width}")
+    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
+    rows = []
+    for name, fn in providers(device).items():
+        if isinstance(fn, str):
+            print(f"  skip {name}: {fn}")
+            continue
+        for D in dims:
+            for T in seqlens:
+                B, H = max(1, tokens // T), max(1, width // D)
+                flops = 2.0 * B * H * T * T * D
+                for mode in MODES:
+                    row = dict(provider=name, D=D, T=T, B=B, H=H, mode=mode)
+                    try:
+                        ms = measure(fn, B, H, T, D, dtype, device, mode, reps)
+                        row.update(ms=ms, tflops=FLOP_FACTOR[mode] * flops / (ms * 1e-3) / 1e12)
+                    except (RuntimeError, torch.OutOfMemoryError) as exc:  # unsupported shape, OOM
+                        row.update(ms="-", tflops="-", note=str(exc).splitlines()[0][:80])
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    rows.append(row)
+    columns = ["provider", "D", "T", "B", "H", "mode", "ms", "tflops", "note"]
+    print(markdown_table(rows, columns))
+    stem = write_results("attention", rows, columns, env, args.out)
+    plot(rows, stem.with_suffix(".png"), f"causal attention, {env['device']}, {env['commit']}")
+    print(f"wrote {stem}.csv, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
