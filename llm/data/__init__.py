@@ -1,0 +1,56 @@
+"""Data: from a corpus on disk (or on the internet) to batches of token ids.
+
+The pipeline, one module per step::
+
+    corpora.py     named corpora: download, sha256 check, data_dir() / cache_dir()
+    sources.py     "tinyshakespeare" | "a.txt" | "folder/" | "*.txt" | "hf:name" -> documents
+    tokenfiles.py  documents -> train.bin / val.bin (uint16 token files, tokenized once, cached)
+    loaders.py     token files -> (x, y) batches: the book's sliding windows or random windows
+
+Typical use::
+
+    from llm.data import prepare, TokenLoader
+    data = prepare("tinyshakespeare")                 # tokenizes on the first call only
+    loader = TokenLoader(data.train_tokens(), batch_size=8, block_size=256)
+    x, y = loader.next_batch()                        # (8, 256) int64 each, y = x shifted by one
+"""
+
+from .corpora import (
+    CORPORA,
+    Corpus,
+    cache_dir,
+    data_dir,
+    fetch_corpus,
+    get_corpus,
+    sha256_file,
+)
+from .loaders import (
+    SlidingWindowDataset,
+    TokenLoader,
+    as_token_array,
+    create_dataloader,
+    unigram_loss,
+)
+from .sources import Document, resolve_source
+from .tokenfiles import Prepared, prepare, source_identity, split_for_tokenizer
+
+__all__ = [
+    "CORPORA",
+    "Corpus",
+    "Document",
+    "Prepared",
+    "SlidingWindowDataset",
+    "TokenLoader",
+    "as_token_array",
+    "cache_dir",
+    "create_dataloader",
+    "data_dir",
+    "fetch_corpus",
+    "get_corpus",
+    "prepare",
+    "resolve_source",
+    "sha256_file",
+    "source_identity",
+    "split_for_tokenizer",
+    "unigram_loss",
+]
