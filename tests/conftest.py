@@ -12,6 +12,9 @@ import torch
 
 
 def pytest_configure(config):
+    # The tests run tiny models, where thread start-up costs more than it saves: on CI's 2 cores one
+    # thread made a tiny-model forward ~10x faster than two.  (Subprocesses choose their own.)
+    torch.set_num_threads(1)
     # Must be set before any test imports llm.data; tmp dirs from pytest come too late for that.
     if "LLM_CACHE_DIR" not in os.environ:
         import tempfile
