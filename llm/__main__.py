@@ -1,0 +1,7 @@
+"""``python -m llm <command>``: see :mod:`llm.cli`."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

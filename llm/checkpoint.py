@@ -1,0 +1,132 @@
+"""Training checkpoints: written atomically, loaded safely, and complete enough to resume bitwise.
+
+A checkpoint is one ``torch.save``-d dict (see ``llm.train._checkpoint_state`` for the keys): the
+model and optimizer state, the step (the schedule is a function of it), every RNG the run draws
+from, the data loader's position and both configs.  Everything in it is a tensor or a plain Python
+value, so it loads with ``torch.load(weights_only=True)`` -- no pickled code runs on load.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "llm-pretrain-v1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or not one of ours; the message says which file and why."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync it, then ``os.replace`` it into place.
+
+    ``os.replace`` is atomic on POSIX and Windows, so a reader (or a crash) sees either the old
+    file or the complete new one, never a half-written mix; the fsyncs make sure the bytes are on
+    disk before the rename is.  On any error the temp file is removed and the old file is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Persist the rename itself; not every platform lets a directory be opened for this.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a training checkpoint written by :func:`llm.train.train`; CheckpointError if it can't."""
+    path = Path(path)
+    if not path.is_file():
+        hint = " (train one with `python -m llm pretrain`)" if path.name == "ckpt.pt" else ""
+        raise CheckpointError(f"checkpoint not found: {path}{hint}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which, not a pickle traceback
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a training checkpoint of this package (format {FORMAT!r})")
+    return ckpt
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """The GPT stored in a training checkpoint, on ``device``, in eval mode."""
+    return model_from_checkpoint(load_checkpoint(path, map_location="cpu"), device)
+
+
+def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu"):
+    """The GPT of an already loaded checkpoint dict, on ``device``, in eval mode."""
+    from .model import GPT, GPTConfig
+
+    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state: every generator the training loop draws from (dropout, data order, sampling).
+
+
+def capture_rng() -> dict:
+    """The state of Python's, NumPy's and torch's global RNGs (CPU and every CUDA device)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        # NumPy's state holds an ndarray; as a list it stays loadable with weights_only=True.
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _as_tuple(x):
+    # random.setstate wants tuples all the way down; a save/load round trip may turn them to lists.
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def to_plain(obj: Any) -> Any:
+    """Recursively turn NumPy arrays/scalars into lists/Python numbers (for weights_only loading)."""
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

@@ -1,0 +1,209 @@
+"""``python -m llm <command>`` (or the ``llm`` console script).
+
+    llm prepare [SOURCE]          tokenize a corpus, print token counts and where the files are
+    llm pretrain [--flags]        train a GPT (every TrainConfig field is a flag; --help lists them)
+    llm generate --prompt TEXT    continue prompts with a trained checkpoint or a Hugging Face folder
+
+Subcommands live in :data:`COMMANDS` (name -> (add_arguments, run)), so ``eval``, ``sft`` and
+``dpo`` plug in by adding an entry.  User mistakes (a missing checkpoint, a bad value) print one
+``error:`` line and exit 2 instead of a traceback; set ``LLM_DEBUG=1`` to see the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import fields
+from typing import Callable
+
+DESCRIPTION = """A GPT built from scratch: tokenize a corpus, pretrain, generate.
+
+examples:
+  llm prepare tinyshakespeare
+  llm pretrain                                  # cpu-small on tinyshakespeare, a few minutes on 2 cores
+  llm pretrain --preset tiny --data the-verdict --max-steps 50 --out-dir out/tiny
+  torchrun --standalone --nproc_per_node 2 -m llm pretrain     # data-parallel
+  llm generate --prompt "ROMEO:" --max-new-tokens 100
+"""
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after every option, and descriptions printed as written."""
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+def add_prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", nargs="?", default="tinyshakespeare",
+                   help="corpus name, text file, folder, glob, or hf:<dataset>[:<config>]")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation")
+    p.add_argument("--force", action="store_true", help="re-tokenize even if cached")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from . import data
+
+    prepared = data.prepare(args.source, val_fraction=args.val_fraction, progress=args.progress, force=args.force)
+    n_train, n_val = len(prepared.train_tokens()), len(prepared.val_tokens())
+    print(f"{args.source}: {n_train + n_val:,} tokens ({n_train:,} train, {n_val:,} val)")
+    for key, value in prepared.meta.items():
+        if isinstance(value, (str, int, float)) and key not in ("train_tokens", "val_tokens"):
+            print(f"  {key}: {value}")
+    for name in ("train_path", "val_path", "dir", "path"):
+        if hasattr(prepared, name):
+            print(f"  {name}: {getattr(prepared, name)}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# pretrain: one flag per TrainConfig field, generated so the two can never drift apart
+
+
+def add_pretrain_args(p: argparse.ArgumentParser) -> None:
+    from .model import PRESETS
+    from .train import CHOICES, TrainConfig
+
+    helps = TrainConfig.help()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        help_text = helps[f.name]
+        if f.default is None and "None" not in help_text:
+            help_text += " (None: keep the preset's value)"
+        kw: dict = {"default": f.default, "help": help_text, "dest": f.name}
+        if "bool" in kind:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = int if "int" in kind else float if "float" in kind else str
+        if f.name == "preset":
+            kw["choices"] = list(PRESETS)
+        elif f.name in CHOICES:
+            kw["choices"] = CHOICES[f.name]
+        elif "action" not in kw:
+            kw["metavar"] = f.name.upper()  # argparse shows {a,b,c} for the fields with choices
+        p.add_argument(flag, **kw)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    train(cfg)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", default=os.path.join("out", "ckpt.pt"), help="training checkpoint to load")
+    src.add_argument("--hf-dir", default=None, help="Hugging Face GPT-2 folder (config.json + model.safetensors) instead")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text; repeat for several prompts (default: the run's sample prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
+    p.add_argument("--no-cache", dest="use_cache", action="store_false", help="recompute the context every step")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+
+
+def _load_for_generate(args: argparse.Namespace, device):
+    """(model, default prompt) from --hf-dir or --checkpoint."""
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .model import GPT
+
+    if args.hf_dir is not None:
+        if not os.path.isdir(args.hf_dir):
+            raise FileNotFoundError(f"--hf-dir {args.hf_dir}: no such folder")
+        return GPT.from_pretrained(args.hf_dir).to(device).eval(), "\n"
+    ckpt = load_checkpoint(args.checkpoint)
+    return model_from_checkpoint(ckpt, device), ckpt.get("train_config", {}).get("sample_prompt", "\n")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .generate import generate_text, stream_text
+    from .tokenizer import get_tokenizer
+    from .train_setup import resolve_device
+
+    device = resolve_device(args.device)
+    model, default_prompt = _load_for_generate(args, device)
+    tokenizer = get_tokenizer()
+    prompts = args.prompt or [default_prompt]
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    kw = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+              use_cache=args.use_cache, generator=gen)
+    if len(prompts) == 1:  # stream it, token by token
+        sys.stdout.write(prompts[0])
+        for piece in stream_text(model, tokenizer, prompts[0], args.max_new_tokens, **kw):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return EXIT_OK
+    for i, (prompt, completion) in enumerate(zip(prompts, generate_text(model, tokenizer, prompts, args.max_new_tokens, **kw))):
+        print(f"=== [{i + 1}/{len(prompts)}] ===\n{prompt}{completion}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "prepare": ("tokenize a corpus into train/val token files", add_prepare_args, run_prepare),
+    "pretrain": ("train a GPT on a corpus (see --help for every option)", add_pretrain_args, run_pretrain),
+    "generate": ("generate text from a checkpoint", add_generate_args, run_generate),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm", description=DESCRIPTION, formatter_class=_Formatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add_args, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter)
+        add_args(p)
+        p.set_defaults(func=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    from .checkpoint import CheckpointError
+    from .train import NonFiniteLossError
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `llm generate ... | head`: the reader left; that is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_OK
+    except NonFiniteLossError as exc:
+        return _fail(exc, EXIT_FAILED)
+    except (CheckpointError, FileNotFoundError, NotADirectoryError, ValueError) as exc:
+        return _fail(exc, EXIT_USAGE)
+    except (RuntimeError, OSError) as exc:  # e.g. a corpus that cannot be downloaded offline
+        return _fail(exc, EXIT_FAILED)
+
+
+def _fail(exc: BaseException, code: int) -> int:
+    if os.environ.get("LLM_DEBUG"):
+        raise exc
+    print(f"error: {exc}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

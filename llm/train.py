@@ -1,0 +1,421 @@
+"""Pretraining: next-token prediction on a tokenized corpus, from scratch or from GPT-2 weights.
+
+    from llm.train import TrainConfig, train
+    summary = train(TrainConfig(preset="tiny", data="the-verdict", max_steps=50))
+
+One loop in the shape of nanoGPT's ``train.py``: AdamW with decay/no-decay groups, linear warmup
+then cosine decay, gradient accumulation and clipping, bf16 autocast on CUDA, optional
+``torch.compile``, periodic validation and text samples, and atomic checkpoints.  Under
+``torchrun`` the same code runs data-parallel (``llm/distributed.py``).
+
+Resuming is bitwise on CPU because (1) the schedule is a function of the step alone, (2) every RNG
+the loop draws from -- dropout (torch), data order (the loader's own state), Python and NumPy -- is
+saved and restored, and (3) evaluation and sampling draw from none of them: eval runs in eval mode
+on fixed windows, and samples use their own seeded ``torch.Generator``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import distributed, train_setup
+from .checkpoint import FORMAT, CheckpointError, atomic_save, capture_rng, load_checkpoint, load_model, restore_rng, to_plain
+from .optim import configure_optimizer, lr_at, set_lr
+from .train_log import MetricsLog, plot_losses
+
+__all__ = ["TrainConfig", "train", "NonFiniteLossError", "CheckpointError", "load_checkpoint", "load_model"]
+
+CKPT_NAME, METRICS_NAME, PLOT_NAME = "ckpt.pt", "metrics.jsonl", "loss.png"
+# The allowed values of the string fields that are not free-form (the CLI offers them as choices).
+CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "loader": ("auto", "random", "sliding"),
+           "kernels": ("auto", "torch", "triton", "cuda")}
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a pretraining run; each field is also a ``python -m llm pretrain`` flag."""
+
+    # -- data and output
+    out_dir: str = _opt("out", "folder for ckpt.pt, metrics.jsonl and loss.png")
+    data: str = _opt("tinyshakespeare", "corpus name, text file, folder, glob or hf:<dataset>")
+    val_fraction: float = _opt(0.1, "share of the corpus held out for validation")
+    init_from: str = _opt("scratch", "'scratch' or a Hugging Face GPT-2 folder to start from")
+    resume: bool = _opt(False, "continue from <out_dir>/ckpt.pt (model, optimizer, RNG, data position)")
+    # -- model: a preset plus optional overrides (None keeps the preset's value)
+    preset: str = _opt("cpu-small", "model preset (see llm.model.PRESETS)")
+    n_layer: int | None = _opt(None, "override the preset's number of layers")
+    n_head: int | None = _opt(None, "override the preset's number of attention heads")
+    n_embd: int | None = _opt(None, "override the preset's embedding width")
+    dropout: float | None = _opt(None, "override the preset's dropout")
+    bias: bool | None = _opt(None, "override whether Linear/LayerNorm layers have biases")
+    block_size: int | None = _opt(None, "context length of the training windows (None: the model's block_size)")
+    # -- optimisation
+    batch_size: int = _opt(4, "sequences per micro-batch per process")
+    grad_accum_steps: int = _opt(1, "micro-batches accumulated per optimizer step")
+    max_steps: int = _opt(500, "optimizer steps (the cosine schedule ends here)")
+    lr: float = _opt(1.5e-3, "peak learning rate")
+    min_lr: float = _opt(1.5e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = _opt(20, "steps of linear warmup")
+    weight_decay: float = _opt(0.1, "AdamW weight decay (2-D weights only)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
+    # -- evaluation, samples, checkpoints, logs
+    eval_interval: int = _opt(100, "steps between validation runs (0: only before and after)")
+    eval_iters: int = _opt(20, "at most this many val batches per evaluation")
+    sample_interval: int = _opt(0, "steps between text samples (0: only at the end)")
+    sample_prompt: str = _opt("ROMEO:", "prompt of the text samples")
+    sample_tokens: int = _opt(64, "tokens per text sample (0: no samples)")
+    checkpoint_interval: int = _opt(100, "steps between checkpoints (0: only at the end)")
+    progress: bool = _opt(True, "show a progress bar")
+    # -- system
+    seed: int = _opt(1337, "seed of every RNG")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 elsewhere), float32 or bfloat16")
+    compile: bool = _opt(False, "torch.compile the model")
+    kernels: str = _opt("auto", "kernels backend: auto, torch, triton or cuda")
+    loader: str = _opt("auto", "window sampling: random, sliding, or auto (sliding when the run covers the data)")
+
+    def validate(self) -> None:
+        for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_interval", "sample_interval", "sample_tokens", "checkpoint_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf: training stopped before that step's update and saved nothing."""
+
+    def __init__(self, step: int, loss: float, checkpoint: Path):
+        self.step, self.loss, self.checkpoint = step, loss, checkpoint
+        kept = (f"the last good checkpoint {checkpoint} is kept as it was" if checkpoint.exists()
+                else "no checkpoint had been written yet")
+        super().__init__(f"non-finite loss ({loss}) at step {step}: training stopped and {kept}; "
+                         "try a lower --lr, then --resume")
+
+
+def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run pretraining as ``cfg`` says; return the summary dict of :meth:`Trainer.summary`.
+
+    ``on_step(step, record)`` is called after every optimizer step, once that step's evaluation
+    and checkpoint are done; raising from it stops the run the way a crash or Ctrl-C would.
+    Raises :class:`NonFiniteLossError` on a NaN/inf loss, :class:`CheckpointError` when
+    ``cfg.resume`` finds no usable checkpoint.
+    """
+    cfg.validate()
+    device = train_setup.resolve_device(cfg.device)
+    dist = distributed.setup(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    try:
+        with train_setup.kernels_backend(cfg.kernels):
+            return Trainer(cfg, device, dist, on_step).run()
+    finally:
+        distributed.teardown(dist)
+
+
+class Trainer:
+    """One run's state.  ``__init__`` builds everything (resuming if asked); ``run`` loops."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, dist: distributed.DistInfo, on_step=None):
+        self.cfg, self.device, self.dist, self.on_step = cfg, device, dist, on_step
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_path = self.out_dir / CKPT_NAME
+        self.t_start = time.perf_counter()
+        if device.type == "cpu":
+            train_setup.set_cpu_threads()
+            train_setup.keep_freed_memory()
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left on CUDA
+            torch.backends.cudnn.allow_tf32 = True
+        train_setup.seed_everything(cfg.seed)
+        ckpt = self._load_resume_checkpoint()
+
+        self._prepare_data()
+        self.raw_model = train_setup.build_model(cfg, ckpt).to(device)
+        self.block_size = cfg.block_size or self.raw_model.config.block_size
+        if self.block_size > self.raw_model.config.block_size:
+            raise ValueError(f"block_size {self.block_size} exceeds the model's {self.raw_model.config.block_size}")
+        self.optimizer = configure_optimizer(self.raw_model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                             betas=(cfg.beta1, cfg.beta2), device_type=device.type)
+        self.tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum_steps * dist.world_size
+        self.loader_mode = ckpt["loader_mode"] if ckpt else train_setup.choose_loader_mode(
+            cfg.loader, len(self.train_tokens), self.tokens_per_step, cfg.max_steps)
+        self.loader = self._make_loader(self.train_tokens, self.loader_mode)
+        self.autocast, self.compute_dtype = train_setup.autocast_context(device, cfg.dtype)
+        self.unigram = float(self.data.unigram_loss(self.train_tokens, self.val_tokens, self.raw_model.config.vocab_size))
+
+        self.step, self.tokens_seen, self.initial_val_loss = 0, 0, None
+        if ckpt is not None:
+            self._restore(ckpt)
+        elif dist.rank > 0:
+            torch.manual_seed(cfg.seed + dist.rank)  # rank 0 matches a 1-process run; others get own dropout masks
+        self.model = self._wrap(self.raw_model)
+        self.metrics = MetricsLog(self.out_dir / METRICS_NAME, enabled=dist.is_main,
+                                  resume_step=self.step if ckpt is not None else None)
+        self.losses: list[float] = []
+        self.last_val_loss, self.last_eval_step = None, -1
+
+    # -- construction ---------------------------------------------------------------------------
+
+    def _load_resume_checkpoint(self) -> dict | None:
+        if not self.cfg.resume:
+            return None
+        if not self.ckpt_path.is_file():
+            raise CheckpointError(f"cannot resume: no checkpoint at {self.ckpt_path}")
+        return load_checkpoint(self.ckpt_path)
+
+    def _prepare_data(self) -> None:
+        from . import data
+
+        self.data = data
+        # Rank 0 tokenizes (and caches) first; the others then read its cache instead of racing it.
+        if not self.dist.is_main:
+            torch.distributed.barrier()
+        prepared = data.prepare(self.cfg.data, val_fraction=self.cfg.val_fraction,
+                                progress=self.cfg.progress and self.dist.is_main)
+        if self.dist.is_main and self.dist.enabled:
+            torch.distributed.barrier()
+        self.prepared = prepared
+        self.train_tokens, self.val_tokens = prepared.train_tokens(), prepared.val_tokens()
+
+    def _make_loader(self, tokens, mode: str, **kw):
+        return self.data.TokenLoader(tokens, self.cfg.batch_size, self.block_size, mode=mode, seed=self.cfg.seed,
+                                     rank=self.dist.rank, world_size=self.dist.world_size, **kw)
+
+    def _restore(self, ckpt: dict) -> None:
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.loader.load_state_dict(ckpt["loader"])
+        self.step, self.tokens_seen = ckpt["step"], ckpt["tokens"]
+        self.initial_val_loss = ckpt["initial_val_loss"]
+        rng = ckpt["rng"]
+        restore_rng(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
+        self._print(f"resumed from {self.ckpt_path} at step {self.step}")
+
+    def _wrap(self, model):
+        if self.cfg.compile:
+            model = torch.compile(model)
+        self.eval_model = model  # compiled (if asked) but not DDP-wrapped: eval needs no gradient sync
+        if self.dist.enabled:
+            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return model
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self._print(f"model: {self.raw_model.num_parameters() / 1e6:.2f}M parameters, "
+                    f"{self.raw_model.config.n_layer} layers, n_embd {self.raw_model.config.n_embd}; "
+                    f"{self.tokens_per_step} tokens/step, {self.loader_mode} windows of {self.block_size}, "
+                    f"{self.device} {self.compute_dtype}, world size {self.dist.world_size}")
+        self._print(f"unigram yardstick (val loss of predicting token frequencies): {self.unigram:.4f}")
+        if self.initial_val_loss is None:
+            self.initial_val_loss = self._log_eval()
+        self._print(f"val loss before training: {self.initial_val_loss:.4f}")
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True,
+                   disable=not (cfg.progress and self.dist.is_main))
+        self.t_loop = time.perf_counter()
+        try:
+            while self.step < cfg.max_steps:
+                record = self._train_step(self.step + 1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:.0f}", refresh=False)
+                bar.update(1)
+                self._after_step(record)
+        finally:
+            bar.close()
+        self.loop_seconds = time.perf_counter() - self.t_loop
+        if self.last_eval_step != self.step:
+            self._log_eval()
+        final_sample = self._sample() if cfg.sample_tokens > 0 else None
+        self._plot()
+        return self.summary(final_sample)
+
+    def _train_step(self, step: int) -> dict:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the metrics record."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        lr = lr_at(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
+        set_lr(self.optimizer, lr)
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum_steps):
+            x, y = self._to_device(*self.loader.next_batch())
+            # DDP all-reduces gradients during backward; on all but the last micro-step that would be
+            # wasted traffic, so no_sync lets them accumulate locally first.
+            last = micro == cfg.grad_accum_steps - 1
+            sync = self.model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    _, loss = self.model(x, y)
+                # The mean over micro-batches is the mean over the whole (global) batch.
+                loss = loss / cfg.grad_accum_steps
+                loss.backward()
+            loss_sum += loss.detach()
+        loss_value = distributed.all_reduce_mean(loss_sum, self.dist).item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(step, loss_value, self.ckpt_path)
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        self.step, self.tokens_seen = step, self.tokens_seen + self.tokens_per_step
+        dt = time.perf_counter() - t0
+        self.losses.append(loss_value)
+        record = dict(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens=self.tokens_seen,
+                      tok_per_s=self.tokens_per_step / dt, dt_ms=1000 * dt)
+        self.metrics.log(**record)
+        return record
+
+    def _after_step(self, record: dict) -> None:
+        cfg, step = self.cfg, self.step
+        if cfg.eval_interval and step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            val = self._log_eval()
+            self._print(f"step {step}: train loss {record['loss']:.4f}, val loss {val:.4f} "
+                        f"(ppl {math.exp(val):.1f})")
+            self._plot()
+        if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 or step == cfg.max_steps:
+            self.save_checkpoint()
+        if cfg.sample_interval and step % cfg.sample_interval == 0 and step != cfg.max_steps:
+            self._sample()
+        if self.on_step is not None:
+            self.on_step(step, record)
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor):
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    # -- evaluation, samples, checkpoints --------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean val loss over the first ``eval_iters`` batches of consecutive val windows.
+
+        The same windows every time (a fresh sliding loader), so evaluations are comparable and
+        draw from no RNG; each rank scores its slice and the means are averaged over ranks.
+        """
+        self.raw_model.eval()
+        loader = self._make_loader(self.val_tokens, "sliding", shuffle=False)
+        # At most one pass over the val split: past it the windows would repeat.
+        n = max(1, min(self.cfg.eval_iters, math.ceil(loader.n_windows / loader.global_batch_size)))
+        total = torch.zeros((), device=self.device)
+        for _ in range(n):
+            x, y = self._to_device(*loader.next_batch())
+            with self.autocast():
+                _, loss = self.eval_model(x, y)
+            total += loss.float()
+        self.raw_model.train()
+        return distributed.all_reduce_mean(total / n, self.dist).item()
+
+    def _log_eval(self) -> float:
+        val = self.evaluate()
+        self.last_val_loss, self.last_eval_step = val, self.step
+        self.metrics.log(step=self.step, val_loss=val, val_ppl=math.exp(min(val, 50.0)))
+        return val
+
+    @torch.no_grad()
+    def _sample(self) -> str | None:
+        """A short continuation of ``sample_prompt``, printed and logged (rank 0 only)."""
+        if not self.dist.is_main:
+            return None
+        from .generate import generate_text
+        from .tokenizer import get_tokenizer
+
+        cfg = self.cfg
+        # Its own generator, seeded by the step: sampling never shifts the training RNG streams.
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed + self.step)
+        self.raw_model.eval()
+        with self.autocast():
+            text = generate_text(self.raw_model, get_tokenizer(), [cfg.sample_prompt], cfg.sample_tokens,
+                                 temperature=0.8, top_k=200, generator=gen)[0]
+        self.raw_model.train()
+        self._print(f"--- sample at step {self.step} ---\n{text}\n---")
+        self.metrics.log(step=self.step, sample=text)
+        return text
+
+    def save_checkpoint(self) -> None:
+        """Atomically write ``ckpt.pt`` (every rank takes part: RNG states are gathered)."""
+        rng = distributed.all_gather_object(capture_rng(), self.dist)
+        if not self.dist.is_main:
+            return
+        atomic_save(self._checkpoint_state(rng), self.ckpt_path)
+
+    def _checkpoint_state(self, rng: list[dict]) -> dict:
+        return {
+            "format": FORMAT,
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            "model": self.raw_model.state_dict(),
+            "model_config": self.raw_model.config.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": dict(max_lr=self.cfg.lr, min_lr=self.cfg.min_lr, warmup_steps=self.cfg.warmup_steps,
+                             max_steps=self.cfg.max_steps),
+            "rng": rng,  # one entry per rank
+            "loader": to_plain(self.loader.state_dict()),
+            "loader_mode": self.loader_mode,
+            "train_config": asdict(self.cfg),
+            "data_meta": to_plain(dict(self.prepared.meta)),
+            "initial_val_loss": self.initial_val_loss,
+            "unigram_loss": self.unigram,
+            "world_size": self.dist.world_size,
+        }
+
+    def _plot(self) -> None:
+        if self.dist.is_main:
+            plot_losses(self.metrics.records, self.out_dir / PLOT_NAME, yardstick=self.unigram)
+
+    def _print(self, msg: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(msg)
+
+    def summary(self, sample: str | None) -> dict:
+        seconds = self.loop_seconds
+        run_tokens = len(self.losses) * self.tokens_per_step
+        out = {
+            "initial_val_loss": self.initial_val_loss,
+            "final_val_loss": self.last_val_loss,
+            "unigram_loss": self.unigram,
+            "steps": self.step,
+            "steps_this_run": len(self.losses),
+            "tokens": self.tokens_seen,
+            "seconds": seconds,
+            "total_seconds": time.perf_counter() - self.t_start,
+            "tokens_per_s": run_tokens / seconds if seconds > 0 else float("nan"),
+            "losses": self.losses,
+            "checkpoint": str(self.ckpt_path),
+            "metrics": str(self.out_dir / METRICS_NAME),
+            "plot": str(self.out_dir / PLOT_NAME),
+            "sample": sample,
+        }
+        margin = self.unigram - out["final_val_loss"]
+        self._print(f"val loss {out['initial_val_loss']:.4f} -> {out['final_val_loss']:.4f}, "
+                    f"{abs(margin):.4f} nats {'below' if margin >= 0 else 'above'} the unigram yardstick {self.unigram:.4f}; "
+                    f"{out['steps_this_run']} steps, {run_tokens:,} tokens in {seconds:.1f} s "
+                    f"({out['tokens_per_s']:,.0f} tok/s); checkpoint {self.ckpt_path}")
+        return out

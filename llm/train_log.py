@@ -1,0 +1,83 @@
+"""What a training run leaves behind besides checkpoints: ``metrics.jsonl`` and ``loss.png``.
+
+metrics.jsonl has one JSON object per line, of three kinds:
+
+* step records   ``{"step", "loss", "lr", "grad_norm", "tokens", "tok_per_s", "dt_ms"}``
+* eval records   ``{"step", "val_loss", "val_ppl"}``  (step 0 is the model before training)
+* sample records ``{"step", "sample"}``
+
+A resumed run first drops the records past the checkpoint's step (a crashed run may have logged
+steps it never saved), so the file always reads as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def step_losses(records: list[dict]) -> list[float]:
+    """The per-step training losses, in step order."""
+    return [r["loss"] for r in records if "loss" in r]
+
+
+class MetricsLog:
+    """Append-only JSONL writer; a no-op when ``enabled`` is False (ranks other than 0)."""
+
+    def __init__(self, path: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None):
+        self.path = Path(path)
+        self.enabled = enabled
+        self.records: list[dict] = []
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("", encoding="utf-8")  # a fresh run starts a fresh log
+        else:
+            self.records = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+            os.replace(tmp, self.path)
+
+    def log(self, **record) -> None:
+        if not self.enabled:
+            return
+        self.records.append(record)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(records: list[dict], path: str | os.PathLike, *, yardstick: float | None = None) -> None:
+    """Train loss per step and val loss per eval, with the unigram yardstick as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", lw=2, label="val loss")
+    if yardstick is not None:
+        ax.axhline(yardstick, ls="--", color="gray", label=f"unigram yardstick ({yardstick:.2f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,217 @@
+"""Pretraining loop: learning, bitwise resume, atomic checkpoints, NaN handling, optimizer, schedule.
+
+All runs use the ``tiny`` preset on the-verdict with 32-token windows, so each step takes a few
+tens of milliseconds on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pytest
+import torch
+
+from llm.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_model
+from llm.model import GPT, GPTConfig
+from llm.optim import lr_at, param_groups
+from llm.train import NonFiniteLossError, TrainConfig, train
+from llm.train_log import read_metrics, step_losses
+
+
+def tiny_cfg(out_dir, **overrides) -> TrainConfig:
+    base = dict(out_dir=str(out_dir), data="the-verdict", preset="tiny", block_size=32, batch_size=4,
+                max_steps=10, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_interval=0, eval_iters=2,
+                checkpoint_interval=0, sample_tokens=0, progress=False, device="cpu", seed=7)
+    return TrainConfig(**{**base, **overrides})
+
+
+class Crash(Exception):
+    """Stands in for a kill: raised from the on_step hook."""
+
+
+def crash_at(step_to_crash: int):
+    def hook(step, record):
+        if step == step_to_crash:
+            raise Crash(step)
+    return hook
+
+
+def file_digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_loss_decreases_on_the_verdict(tmp_path):
+    summary = train(tiny_cfg(tmp_path, max_steps=40, eval_interval=20, eval_iters=4))
+    losses = summary["losses"]
+    assert len(losses) == 40 and summary["steps"] == 40
+    assert losses[0] == pytest.approx(math.log(50257), abs=0.3)  # an untrained model is uniform
+    assert sum(losses[-5:]) / 5 < losses[0] - 2.0
+    assert summary["final_val_loss"] < summary["initial_val_loss"] - 2.0
+    assert summary["tokens"] == 40 * 4 * 32
+    # Everything the run promises to leave behind.
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 20, 40]
+    assert all({"lr", "tokens", "tok_per_s", "grad_norm"} <= set(r) for r in records if "loss" in r)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 40
+    model = load_model(tmp_path / "ckpt.pt")
+    assert not model.training and model.config.block_size == 32
+
+
+@pytest.mark.parametrize("loader", ["random", "sliding"])
+def test_resume_is_bitwise_identical(tmp_path, loader):
+    # Dropout makes the torch RNG matter; evals and samples in between must not disturb it.
+    cfg = dict(max_steps=10, dropout=0.1, loader=loader, eval_interval=3, sample_interval=4, sample_tokens=3)
+    full = train(tiny_cfg(tmp_path / "full", **cfg))
+
+    with pytest.raises(Crash):  # dies at step 7: checkpoint of step 5 on disk, steps 6-7 logged
+        train(tiny_cfg(tmp_path / "split", checkpoint_interval=5, **cfg), on_step=crash_at(7))
+    assert load_checkpoint(tmp_path / "split" / "ckpt.pt")["step"] == 5
+    resumed = train(tiny_cfg(tmp_path / "split", checkpoint_interval=5, resume=True, **cfg))
+
+    assert resumed["steps_this_run"] == 5
+    assert resumed["losses"] == full["losses"][5:]  # bitwise, not approx
+    # metrics.jsonl of the crashed + resumed run reads as one run: the steps the crash logged
+    # but never checkpointed (6, 7) were dropped and redone.
+    assert step_losses(read_metrics(tmp_path / "split" / "metrics.jsonl")) == full["losses"]
+    a = load_checkpoint(tmp_path / "full" / "ckpt.pt")
+    b = load_checkpoint(tmp_path / "split" / "ckpt.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert resumed["initial_val_loss"] == full["initial_val_loss"]
+    assert resumed["final_val_loss"] == full["final_val_loss"]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save = torch.save
+    calls = []
+
+    def save_then_die(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint: half-write the temp file, then crash
+            f.write(b"partial checkpoint bytes")
+            raise OSError("simulated crash in the middle of torch.save")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_then_die)
+    with pytest.raises(OSError, match="simulated crash"):
+        train(tiny_cfg(out, max_steps=6, checkpoint_interval=3))
+    assert len(calls) == 2
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 3  # the last good one survived intact
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "loss.png", "metrics.jsonl"]  # no temp left
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train(tiny_cfg(out, max_steps=6, checkpoint_interval=3, resume=True))["steps"] == 6
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "x.pt"
+    atomic_save({"v": torch.arange(3)}, path)
+    before = file_digest(path)
+
+    def broken(obj, f, *a, **k):
+        f.write(b"garbage")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save({"v": torch.arange(5)}, path)
+    assert file_digest(path) == before
+    assert list(tmp_path.iterdir()) == [path]
+    assert torch.load(path, weights_only=True)["v"].tolist() == [0, 1, 2]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_forward = GPT.forward
+    train_calls = []
+
+    def poisoned_forward(self, idx, targets=None, **kw):
+        logits, loss = real_forward(self, idx, targets, **kw)
+        if self.training:
+            train_calls.append(1)
+            if len(train_calls) >= 5:  # step 5's loss is NaN
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned_forward)
+    digest = {}
+    def remember(step, record):
+        if step == 3:
+            digest["ckpt"] = file_digest(out / "ckpt.pt")
+
+    with pytest.raises(NonFiniteLossError) as info:
+        train(tiny_cfg(out, max_steps=10, checkpoint_interval=3), on_step=remember)
+    err = info.value
+    assert err.step == 5 and math.isnan(err.loss)
+    assert "step 5" in str(err) and "nan" in str(err) and "ckpt.pt" in str(err)
+    assert file_digest(out / "ckpt.pt") == digest["ckpt"]  # untouched since step 3
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 3
+    assert max(r["step"] for r in read_metrics(out / "metrics.jsonl")) == 4  # step 5 never logged
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(tiny_cfg(tmp_path / "empty", resume=True))
+
+
+def test_param_groups_decay_only_matrices():
+    model = GPT(GPTConfig.from_preset("tiny"))
+    decay, no_decay = param_groups(model, weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert any(n.endswith("attn.c_attn.bias") for n in no_decay["names"])
+    assert {"transformer.ln_f.weight", "transformer.ln_f.bias", "transformer.h.0.ln_1.weight"} <= set(no_decay["names"])
+    assert "transformer.wte.weight" in decay["names"] and "transformer.h.0.mlp.c_fc.weight" in decay["names"]
+    assert not any("bias" in n or ".ln_" in n for n in decay["names"])
+    # the tied LM head is the token embedding: optimised once
+    assert "lm_head.weight" not in decay["names"] + no_decay["names"]
+    assert sum(p.numel() for p in decay["params"] + no_decay["params"]) == model.num_parameters()
+
+
+def test_lr_schedule_warmup_peak_cosine_floor():
+    kw = dict(max_lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert lr_at(1, **kw) == pytest.approx(1e-4)  # 1/10 of the peak
+    assert lr_at(5, **kw) == pytest.approx(5e-4)
+    assert lr_at(10, **kw) == pytest.approx(1e-3)  # peak at the end of warmup
+    assert lr_at(60, **kw) == pytest.approx(5.5e-4)  # half way down the cosine: the mean
+    assert lr_at(110, **kw) == pytest.approx(1e-4)  # the floor at max_steps ...
+    assert lr_at(500, **kw) == pytest.approx(1e-4)  # ... and after it
+    lrs = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lr_at(1, max_lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=10) == pytest.approx(1.0 * (1 + math.cos(math.pi * 0.1)) / 2)
+
+
+def test_grad_accumulation_matches_a_bigger_batch(tmp_path):
+    # sliding windows: two draws of 4 windows are the same 8 windows as one draw of 8
+    common = dict(max_steps=4, loader="sliding", dropout=0.0)
+    accum = train(tiny_cfg(tmp_path / "accum", batch_size=4, grad_accum_steps=2, **common))
+    big = train(tiny_cfg(tmp_path / "big", batch_size=8, grad_accum_steps=1, **common))
+    assert accum["tokens"] == big["tokens"] == 4 * 8 * 32
+    torch.testing.assert_close(torch.tensor(accum["losses"]), torch.tensor(big["losses"]), rtol=1e-5, atol=1e-6)
+    a = load_checkpoint(tmp_path / "accum" / "ckpt.pt")["model"]
+    b = load_checkpoint(tmp_path / "big" / "ckpt.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="batch_size"):
+        tiny_cfg("x", batch_size=0).validate()
+    with pytest.raises(ValueError, match="min_lr"):
+        tiny_cfg("x", lr=1e-4, min_lr=1e-3).validate()
+    with pytest.raises(ValueError, match="loader"):
+        tiny_cfg("x", loader="shuffled").validate()
+
+
+def test_init_from_a_hugging_face_folder(tmp_path):
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    GPT(GPTConfig.from_preset("tiny")).save_pretrained(tmp_path / "hf")
+    summary = train(tiny_cfg(tmp_path / "run", init_from=str(tmp_path / "hf"), max_steps=2, dropout=0.1))
+    assert summary["steps"] == 2
+    conf = load_checkpoint(tmp_path / "run" / "ckpt.pt")["model_config"]
+    assert (conf["n_embd"], conf["block_size"], conf["dropout"]) == (64, 32, 0.1)  # cropped to the windows
+    with pytest.raises(ValueError, match="n-layer"):
+        train(tiny_cfg(tmp_path / "bad", init_from=str(tmp_path / "hf"), n_layer=3))
