@@ -1,0 +1,35 @@
+"""The package layout and build script behave as the README promises."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_top_level_layout():
+    for name in ("kernels", "csrc", "llm", "bench", "tests", "setup.py", "pyproject.toml", "README.md", "requirements.txt"):
+        assert (ROOT / name).exists(), f"missing top-level {name}"
+    for pkg in ("kernels", "llm"):
+        assert (ROOT / pkg / "__init__.py").is_file()
+
+
+def test_requirements_are_pinned_exactly():
+    lines = [l.split("#")[0].strip() for l in (ROOT / "requirements.txt").read_text().splitlines()]
+    reqs = [l for l in lines if l]
+    names = {re.split(r"==", r)[0].lower() for r in reqs}
+    assert {"torch", "triton", "tiktoken", "ninja", "numpy", "tqdm", "pytest", "pytest-benchmark"} <= names
+    unpinned = [r for r in reqs if not re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][A-Za-z0-9_.+\-]*", r)]
+    assert not unpinned, f"not pinned to one version: {unpinned}"
+
+
+def test_setup_py_says_in_one_line_which_extensions_it_skips():
+    has_sources = any((ROOT / "csrc").rglob("*.cpp")) or any((ROOT / "csrc").rglob("*.cu"))
+    if has_sources:
+        pytest.skip("csrc/ has sources: the extension tests cover the build")
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith("llm-from-scratch:")]
+    assert len(lines) == 1 and "skipping extension kernels._C" in lines[0] and "no C++/CUDA sources" in lines[0]
