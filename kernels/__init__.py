@@ -2,6 +2,7 @@
 
     kernels.causal_attention(q, k, v, scale=None)
     kernels.layer_norm(x, weight, bias, eps=1e-5)
+    kernels.add_layer_norm(x, residual, weight, bias, eps=1e-5)   # -> (layer_norm(x + residual), x + residual)
     kernels.cross_entropy(logits, targets, ignore_index=-100)
     kernels.linear_cross_entropy(hidden, weight, targets, ignore_index=-100)
     kernels.set_backend(name) / kernels.get_backend() / with kernels.backend(name): ...
@@ -28,6 +29,7 @@ from .backends import (
 __all__ = [
     "causal_attention",
     "layer_norm",
+    "add_layer_norm",
     "cross_entropy",
     "linear_cross_entropy",
     "set_backend",
@@ -55,6 +57,17 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     """LayerNorm over the last dim of x (..., C) with weight and bias of shape (C,); returns x's dtype."""
     _validate.check_layer_norm(x, weight, bias, eps)
     return resolve("layer_norm", x.device)(x, weight, bias, eps)
+
+
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add fused with LayerNorm: returns ``(layer_norm(x + residual), x + residual)``.
+
+    x, residual: (..., C), same shape, dtype and device; weight, bias: (C,).  Both outputs in x's dtype.
+    """
+    _validate.check_add_layer_norm(x, residual, weight, bias, eps)
+    return resolve("add_layer_norm", x.device)(x, residual, weight, bias, eps)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -77,8 +77,7 @@ def check_attention(q, k, v, scale) -> None:
         _number(op, "scale", scale, positive=True)
 
 
-def check_layer_norm(x, weight, bias, eps) -> None:
-    op = "layer_norm"
+def check_layer_norm(x, weight, bias, eps, op: str = "layer_norm") -> None:
     _tensor(op, "x", x)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{op}: x must have a non-empty last dimension to normalize over, got {_describe(x)}")
@@ -89,6 +88,16 @@ def check_layer_norm(x, weight, bias, eps) -> None:
             raise ValueError(f"{op}: {name} must have shape ({C},) to match x's last dim, got {_describe(t)}")
     _same_device(op, {"x": x, "weight": weight, "bias": bias})
     _number(op, "eps", eps, positive=True)
+
+
+def check_add_layer_norm(x, residual, weight, bias, eps) -> None:
+    op = "add_layer_norm"
+    check_layer_norm(x, weight, bias, eps, op)
+    _tensor(op, "residual", residual)
+    if residual.shape != x.shape:
+        raise ValueError(f"{op}: residual must have x's shape {tuple(x.shape)}, got {_describe(residual)}")
+    _same_dtype(op, {"x": x, "residual": residual})
+    _same_device(op, {"x": x, "residual": residual})
 
 
 def _check_targets(op: str, targets, lead_shape: torch.Size, V: int, ignore_index) -> None:

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-__all__ = ["causal_attention", "layer_norm", "cross_entropy", "linear_cross_entropy"]
+__all__ = ["causal_attention", "layer_norm", "add_layer_norm", "cross_entropy", "linear_cross_entropy"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,6 +85,19 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
         x_hat = (x - mean) * torch.rsqrt(var + eps)  # (..., C), zero mean, unit variance
         y = x_hat * weight.to(acc) + bias.to(acc)
     return y.to(out_dtype)
+
+
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-LN block's "add, then normalize": returns ``(layer_norm(x + residual), x + residual)``.
+
+    x, residual: (..., C), one dtype; the sum is formed in fp32 and both outputs are in x's dtype.
+    A fused kernel reads x and residual once and writes both outputs, instead of a separate add.
+    """
+    with _exact(x.device):
+        total = (x.to(_compute_dtype(x.dtype)) + residual.to(_compute_dtype(x.dtype))).to(x.dtype)  # (..., C)
+    return layer_norm(total, weight, bias, eps), total
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

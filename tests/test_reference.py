@@ -161,3 +161,21 @@ def test_reference_never_calls_pytorch_fast_paths(monkeypatch):
     out = out + reference.linear_cross_entropy(x, torch.randn(5, 8), torch.tensor([0, 1, 4]))
     out.backward()
     assert q.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_layer_norm_matches_add_then_functional(dtype):
+    torch.manual_seed(5)
+    C = 1000
+    x, r, w, b = leaves(torch.randn(3, 5, C, dtype=dtype), torch.randn(3, 5, C, dtype=dtype), torch.randn(C, dtype=dtype), torch.randn(C, dtype=dtype))
+    x2, r2, w2, b2 = leaves(x, r, w, b)
+    y, s = kernels.add_layer_norm(x, r, w, b)
+    s2 = x2 + r2
+    y2 = F.layer_norm(s2, (C,), w2, b2)
+    assert_close(s, s2, dtype, "sum")
+    assert_close(y, y2, dtype, "normalized")
+    gy, gs = torch.randn_like(y), torch.randn_like(s)
+    (y * gy + s * gs).sum().backward()
+    (y2 * gy + s2 * gs).sum().backward()
+    for name, a, b_ in (("dx", x, x2), ("dresidual", r, r2), ("dweight", w, w2), ("dbias", b, b2)):
+        assert_close(a.grad, b_.grad, dtype, name)

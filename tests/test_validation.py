@@ -89,3 +89,12 @@ W = torch.randn(7, 6)
 def test_linear_cross_entropy_rejects(args, error, pattern):
     with pytest.raises(error, match=pattern):
         kernels.linear_cross_entropy(*args)
+
+
+def test_add_layer_norm_rejects():
+    with pytest.raises(ValueError, match=r"add_layer_norm: residual must have x's shape \(4, 6\)"):
+        kernels.add_layer_norm(x, x[:2], w, b)
+    with pytest.raises(TypeError, match="add_layer_norm: tensors must share one dtype"):
+        kernels.add_layer_norm(x, x.double(), w, b)
+    with pytest.raises(ValueError, match=r"add_layer_norm: weight must have shape \(6,\)"):
+        kernels.add_layer_norm(x, x, torch.ones(5), b)
