@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
-OPS = ("causal_attention", "layer_norm", "cross_entropy", "linear_cross_entropy")
+OPS = ("causal_attention", "layer_norm", "add_layer_norm", "cross_entropy", "linear_cross_entropy")
 
 # What "auto" tries, fastest first, per device type.  Today only the reference exists; the Triton and
 # CUDA backends join these lists when their kernels land (and, for "cuda", when GPU measurements show
