@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -50,9 +51,13 @@ def _check_name(name: str, source: str) -> str:
     return name.lower()
 
 
-def set_backend(name: str) -> None:
-    """Choose the backend for every following op call in this context ("auto" restores the default)."""
-    _override.set(_check_name(name, "set_backend()"))
+def set_backend(name: str | None) -> None:
+    """Choose the backend for every following op call in this context.
+
+    ``None`` returns to the default ($LLM_KERNELS, else "auto"); any name, "auto" included, is an
+    explicit choice that wins over $LLM_KERNELS.
+    """
+    _override.set(None if name is None else _check_name(name, "set_backend()"))
 
 
 def get_backend() -> str:
@@ -87,8 +92,12 @@ def register(backend_name: str, op: str) -> Callable[[Callable], Callable]:
     return decorator
 
 
+@functools.cache
 def _load_backend(name: str) -> str | None:
-    """Import the backend's modules so they can register; return why it cannot run, or None."""
+    """Import the backend's modules so they can register; return why it cannot run, or None.
+
+    Cached: an import that failed once (e.g. no extension built) is not retried on every op call.
+    """
     if name == "torch":
         from . import _torch_backend  # noqa: F401  (registers the reference)
         return None

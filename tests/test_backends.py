@@ -51,13 +51,18 @@ def test_available_backends_reports_reasons():
     assert all(isinstance(r, str) and r for n, r in report.items() if n != "torch")
 
 
-def test_set_backend_persists_until_changed():
-    kernels.set_backend("torch")
+def test_set_backend_persists_until_reset_and_none_returns_to_the_env(monkeypatch):
+    monkeypatch.setenv("LLM_KERNELS", "torch")
     try:
+        kernels.set_backend("auto")  # an explicit choice beats the environment
+        assert kernels.get_backend() == "auto"
+        kernels.set_backend("torch")
         assert kernels.get_backend() == "torch"
     finally:
-        kernels.set_backend("auto")
-    assert kernels.get_backend() in ("auto", "torch")  # env may pin torch
+        kernels.set_backend(None)
+    assert kernels.get_backend() == "torch"  # back to $LLM_KERNELS
+    monkeypatch.delenv("LLM_KERNELS")
+    assert kernels.get_backend() == "auto"
 
 
 def test_register_validates_names():
