@@ -18,8 +18,9 @@ $(VENV)/.installed: requirements.txt setup.py pyproject.toml
 	$(BIN)/pip install -e . --no-build-isolation --no-deps
 	touch $@
 
+# --overwrite: each `make train` starts over in out/ (without it a second run refuses to clobber it)
 train: install
-	$(BIN)/llm pretrain
+	$(BIN)/llm pretrain --overwrite
 	$(BIN)/llm generate --prompt "ROMEO:" --max-new-tokens 100
 
 test: install

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -22,19 +23,21 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing or not one of ours; the message says which file and why."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync it, then ``os.replace`` it into place.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Call ``write(f)`` on a temp file in the same folder, fsync it, then ``os.replace`` it into place.
 
     ``os.replace`` is atomic on POSIX and Windows, so a reader (or a crash) sees either the old
     file or the complete new one, never a half-written mix; the fsyncs make sure the bytes are on
     disk before the rename is.  On any error the temp file is removed and the old file is untouched.
+    Every file a run writes (checkpoint, metrics log, plot) goes through here.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_temps(path)
+    tmp = path.with_name(f"{_temp_prefix(path)}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -42,6 +45,48 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temp files of ``path`` left by writers that died mid-write (e.g. SIGKILL).
+
+    A temp file is named ``.<name>.tmp-<pid>``; it is stale when no process ``<pid>`` is alive
+    (a live pid may be another run writing right now, so its file is kept).  Our own pid's temp
+    can only be a leftover too: this process writes one file at a time.  Returns what was removed.
+    """
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(_temp_prefix(path) + "*"):
+        pid = tmp.name[len(_temp_prefix(path)):]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but is not ours (or we cannot tell): keep its file
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -51,11 +51,10 @@ def run_prepare(args: argparse.Namespace) -> int:
     n_train, n_val = len(prepared.train_tokens()), len(prepared.val_tokens())
     print(f"{args.source}: {n_train + n_val:,} tokens ({n_train:,} train, {n_val:,} val)")
     for key, value in prepared.meta.items():
-        if isinstance(value, (str, int, float)) and key not in ("train_tokens", "val_tokens"):
+        if isinstance(value, (str, int, float)):
             print(f"  {key}: {value}")
-    for name in ("train_path", "val_path", "dir", "path"):
-        if hasattr(prepared, name):
-            print(f"  {name}: {getattr(prepared, name)}")
+    for name in ("train_path", "val_path", "dir"):
+        print(f"  {name}: {getattr(prepared, name)}")
     return EXIT_OK
 
 
@@ -64,6 +63,9 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def add_pretrain_args(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field.  Untyped flags are left out of the parsed namespace
+    (default SUPPRESS) so that ``--resume`` can tell what the user asked to change; the defaults
+    are TrainConfig's and shown in the help."""
     from .model import PRESETS
     from .train import CHOICES, TrainConfig
 
@@ -71,10 +73,11 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
-        help_text = helps[f.name]
+        help_text = helps[f.name].replace("%", "%%")
         if f.default is None and "None" not in help_text:
             help_text += " (None: keep the preset's value)"
-        kw: dict = {"default": f.default, "help": help_text, "dest": f.name}
+        help_text += f" (default: {str(f.default).replace('%', '%%')})"
+        kw: dict = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
         if "bool" in kind:
             kw["action"] = argparse.BooleanOptionalAction
         else:
@@ -89,9 +92,16 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from .train import CKPT_NAME, TrainConfig, resume_config, train
 
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    typed = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    cfg = TrainConfig(**typed)  # the defaults for what was not typed
+    ckpt_path = os.path.join(cfg.out_dir, CKPT_NAME)
+    if cfg.resume and os.path.isfile(ckpt_path):  # (no checkpoint: train() says so)
+        from .checkpoint import load_checkpoint
+
+        # A resumed run continues with the settings it was started with; typed flags override them.
+        cfg = resume_config(load_checkpoint(ckpt_path).get("train_config", {}), {**typed, "out_dir": cfg.out_dir})
     train(cfg)
     return EXIT_OK
 
@@ -192,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except NonFiniteLossError as exc:
         return _fail(exc, EXIT_FAILED)
-    except (CheckpointError, FileNotFoundError, NotADirectoryError, ValueError) as exc:
+    except (CheckpointError, FileExistsError, FileNotFoundError, NotADirectoryError, ValueError) as exc:
         return _fail(exc, EXIT_USAGE)
     except (RuntimeError, OSError) as exc:  # e.g. a corpus that cannot be downloaded offline
         return _fail(exc, EXIT_FAILED)

@@ -49,7 +49,8 @@ def load_pretrained(name_or_dir: str | os.PathLike, **overrides) -> GPT:
     if ckpt_tied and wte is not None:
         sd["lm_head.weight"] = wte if config.tie_weights else wte.clone()
     if "transformer.wpe.weight" in sd:
-        sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][: config.block_size]
+        # clone(): a slice is a view that would keep the whole (n_positions, C) storage alive
+        sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][: config.block_size].clone()
 
     # Build on the meta device (no memory, no random init) and adopt the loaded tensors.
     with torch.device("meta"):

@@ -317,7 +317,13 @@ class GPT(nn.Module):
             if targets.shape != idx.shape:
                 raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
             w = self.lm_head.weight
-            if w.dtype != x.dtype:  # e.g. bf16 hidden states under autocast, fp32 master weight
+            if torch.is_autocast_enabled(x.device.type):
+                # The residual stream (and so ln_f's output) stays fp32 under autocast, but the
+                # lm_head Linear would run in the autocast dtype: give the fused head + loss the
+                # same low-precision inputs (the kernels do the softmax and the loss in fp32).
+                dtype = torch.get_autocast_dtype(x.device.type)
+                x, w = x.to(dtype), w.to(dtype)
+            elif w.dtype != x.dtype:  # e.g. a bf16 model fed fp32 hidden states
                 w = w.to(x.dtype)
             loss = kernels.linear_cross_entropy(x, w, targets, ignore_index=ignore_index)
         return logits, loss

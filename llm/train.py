@@ -26,11 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed, train_setup
-from .checkpoint import FORMAT, CheckpointError, atomic_save, capture_rng, load_checkpoint, load_model, restore_rng, to_plain
+from .checkpoint import (FORMAT, CheckpointError, atomic_save, capture_rng, load_checkpoint, load_model,
+                         remove_stale_temps, restore_rng, to_plain)
 from .optim import configure_optimizer, lr_at, set_lr
 from .train_log import MetricsLog, plot_losses
 
-__all__ = ["TrainConfig", "train", "NonFiniteLossError", "CheckpointError", "load_checkpoint", "load_model"]
+__all__ = ["TrainConfig", "train", "resume_config", "NonFiniteLossError", "CheckpointError", "load_checkpoint", "load_model"]
 
 CKPT_NAME, METRICS_NAME, PLOT_NAME = "ckpt.pt", "metrics.jsonl", "loss.png"
 # The allowed values of the string fields that are not free-form (the CLI offers them as choices).
@@ -52,6 +53,7 @@ class TrainConfig:
     val_fraction: float = _opt(0.1, "share of the corpus held out for validation")
     init_from: str = _opt("scratch", "'scratch' or a Hugging Face GPT-2 folder to start from")
     resume: bool = _opt(False, "continue from <out_dir>/ckpt.pt (model, optimizer, RNG, data position)")
+    overwrite: bool = _opt(False, "start over even if <out_dir>/ckpt.pt exists (deletes its ckpt.pt, metrics.jsonl, loss.png)")
     # -- model: a preset plus optional overrides (None keeps the preset's value)
     preset: str = _opt("cpu-small", "model preset (see llm.model.PRESETS)")
     n_layer: int | None = _opt(None, "override the preset's number of layers")
@@ -94,8 +96,15 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_interval", "sample_interval", "sample_tokens", "checkpoint_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run or start it over")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not self.lr > 0.0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "grad_clip"):  # a negative grad_clip would silently disable clipping
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr <= self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         for name, allowed in CHOICES.items():
@@ -105,6 +114,56 @@ class TrainConfig:
     @classmethod
     def help(cls) -> dict[str, str]:
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+# Settings a resumed run must keep: they decide the model or the stream of training batches, so a
+# change would not continue the run but silently start a different one.
+FIXED_ON_RESUME = ("preset", "n_layer", "n_head", "n_embd", "dropout", "bias", "init_from", "block_size",
+                   "data", "val_fraction", "loader", "seed", "batch_size", "grad_accum_steps")
+# Settings that say how to run, not what: never reported as changes.
+NOT_COMPARED_ON_RESUME = ("out_dir", "resume", "overwrite")
+
+
+def resume_config(saved: dict, overrides: dict) -> TrainConfig:
+    """The config of a resumed run: the checkpoint's ``train_config`` with ``overrides`` on top.
+
+    ``overrides`` are the settings the user actually asked for (the CLI passes the flags typed);
+    everything else continues as the run was started.  Whether an override is allowed is checked
+    when training starts (:func:`check_resume_config`).
+    """
+    names = {f.name for f in fields(TrainConfig)}
+    base = {k: v for k, v in saved.items() if k in names}  # a field added since keeps its default
+    # overwrite is about how a run starts, never inherited (typed with --resume, validate() refuses it)
+    return TrainConfig(**{**base, "overwrite": False, **overrides, "resume": True})
+
+
+def check_resume_config(saved: dict, cfg: TrainConfig, saved_world_size: int = 1,
+                        world_size: int = 1) -> dict[str, tuple]:
+    """Compare a resumed run's ``cfg`` with the checkpoint's ``train_config``.
+
+    Raises ValueError naming the flag and both values when a :data:`FIXED_ON_RESUME` setting
+    differs; returns ``{name: (saved, now)}`` of the other settings that changed.  ``batch_size``
+    is per process, so what must stay is ``batch_size * world_size`` (the loader's global batch).
+    """
+    changed = {}
+    for name, now in asdict(cfg).items():
+        if name not in saved or name in NOT_COMPARED_ON_RESUME:
+            continue
+        was = saved[name]
+        if name == "batch_size":
+            same = was * saved_world_size == now * world_size
+        else:
+            same = was == now
+        if same:
+            continue
+        if name in FIXED_ON_RESUME:
+            flag = "--" + name.replace("_", "-")
+            worlds = f" (world size {saved_world_size} then, {world_size} now)" if name == "batch_size" else ""
+            raise ValueError(f"{flag} cannot change when resuming: the checkpoint's run used {name}={was!r}, "
+                             f"this run asks for {now!r}{worlds}; it decides the model or the training data, "
+                             "so start a new run (another --out-dir) to change it")
+        changed[name] = (was, now)
+    return changed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -124,7 +183,11 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
     ``on_step(step, record)`` is called after every optimizer step, once that step's evaluation
     and checkpoint are done; raising from it stops the run the way a crash or Ctrl-C would.
     Raises :class:`NonFiniteLossError` on a NaN/inf loss, :class:`CheckpointError` when
-    ``cfg.resume`` finds no usable checkpoint.
+    ``cfg.resume`` finds no usable checkpoint, FileExistsError when a fresh run would overwrite one.
+
+    With ``cfg.resume`` the config must describe the same run as the checkpoint's (ValueError
+    otherwise); only settings like ``max_steps``, ``lr`` or the intervals may change.  To take
+    the saved settings and override a few, build ``cfg`` with :func:`resume_config` (the CLI does).
     """
     cfg.validate()
     device = train_setup.resolve_device(cfg.device)
@@ -154,12 +217,18 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         train_setup.seed_everything(cfg.seed)
         ckpt = self._load_resume_checkpoint()
+        self._clear_out_dir()
 
         self._prepare_data()
+        planned = train_setup.planned_block_size(cfg, ckpt)
+        if planned is not None:  # fail before building the model when the splits are too short
+            self._check_split_lengths(planned)
         self.raw_model = train_setup.build_model(cfg, ckpt).to(device)
         self.block_size = cfg.block_size or self.raw_model.config.block_size
         if self.block_size > self.raw_model.config.block_size:
             raise ValueError(f"block_size {self.block_size} exceeds the model's {self.raw_model.config.block_size}")
+        if planned is None:  # a Hugging Face folder's window length is known only now
+            self._check_split_lengths(self.block_size)
         self.optimizer = configure_optimizer(self.raw_model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                              betas=(cfg.beta1, cfg.beta2), device_type=device.type)
         self.tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum_steps * dist.world_size
@@ -184,10 +253,36 @@ class Trainer:
 
     def _load_resume_checkpoint(self) -> dict | None:
         if not self.cfg.resume:
+            if self.ckpt_path.exists() and not self.cfg.overwrite:
+                raise FileExistsError(f"{self.ckpt_path} exists: pass --resume to continue it, --overwrite to "
+                                      "start over, or a different --out-dir")
             return None
         if not self.ckpt_path.is_file():
             raise CheckpointError(f"cannot resume: no checkpoint at {self.ckpt_path}")
-        return load_checkpoint(self.ckpt_path)
+        ckpt = load_checkpoint(self.ckpt_path)
+        changed = check_resume_config(ckpt.get("train_config", {}), self.cfg, ckpt.get("world_size", 1),
+                                      self.dist.world_size)
+        for name, (was, now) in changed.items():
+            self._print(f"resume: {name} changed from {was!r} to {now!r}")
+        return ckpt
+
+    def _clear_out_dir(self) -> None:
+        """Rank 0: drop temp files of checkpoints killed mid-write, and with --overwrite the old
+        run's files, so that the folder never mixes two runs."""
+        if not self.dist.is_main:
+            return
+        remove_stale_temps(self.ckpt_path)
+        if self.cfg.overwrite:
+            for name in (CKPT_NAME, METRICS_NAME, PLOT_NAME):
+                (self.out_dir / name).unlink(missing_ok=True)
+
+    def _check_split_lengths(self, block_size: int) -> None:
+        """A clear error when a split cannot hold one window (the loader's own error blames the data)."""
+        for split, tokens, hint in (("training", self.train_tokens, "lower --val-fraction"),
+                                    ("validation", self.val_tokens, "raise --val-fraction")):
+            if len(tokens) < block_size + 1:
+                raise ValueError(f"the {split} split has {len(tokens)} tokens (val_fraction={self.cfg.val_fraction}), "
+                                 f"fewer than block_size + 1 = {block_size + 1}; {hint} or lower --block-size")
 
     def _prepare_data(self) -> None:
         from . import data
@@ -203,18 +298,29 @@ class Trainer:
         self.prepared = prepared
         self.train_tokens, self.val_tokens = prepared.train_tokens(), prepared.val_tokens()
 
-    def _make_loader(self, tokens, mode: str, **kw):
-        return self.data.TokenLoader(tokens, self.cfg.batch_size, self.block_size, mode=mode, seed=self.cfg.seed,
-                                     rank=self.dist.rank, world_size=self.dist.world_size, **kw)
+    def _make_loader(self, tokens, mode: str, batch_size: int | None = None, **kw):
+        return self.data.TokenLoader(tokens, batch_size or self.cfg.batch_size, self.block_size, mode=mode,
+                                     seed=self.cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size, **kw)
 
     def _restore(self, ckpt: dict) -> None:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.loader.load_state_dict(ckpt["loader"])
         self.step, self.tokens_seen = ckpt["step"], ckpt["tokens"]
         self.initial_val_loss = ckpt["initial_val_loss"]
-        rng = ckpt["rng"]
-        restore_rng(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
+        self._restore_rng(ckpt["rng"])
         self._print(f"resumed from {self.ckpt_path} at step {self.step}")
+
+    def _restore_rng(self, rng: list[dict]) -> None:
+        """Each rank continues its own saved RNG streams (one entry per rank in the checkpoint)."""
+        if len(rng) == self.dist.world_size:
+            restore_rng(rng[self.dist.rank])
+            return
+        # The world size changed, so there is no saved state for most ranks: all take rank 0's
+        # (Python/NumPy streams stay in step), and ranks > 0 then reseed torch, or every rank
+        # would draw the same dropout masks.  The step keeps the seed from repeating a run start's.
+        restore_rng(rng[0])
+        if self.dist.rank > 0:
+            torch.manual_seed(self.cfg.seed + self.dist.rank + self.step)
 
     def _wrap(self, model):
         if self.cfg.compile:
@@ -322,8 +428,13 @@ class Trainer:
         """
         self.raw_model.eval()
         loader = self._make_loader(self.val_tokens, "sliding", shuffle=False)
-        # At most one pass over the val split: past it the windows would repeat.
-        n = max(1, min(self.cfg.eval_iters, math.ceil(loader.n_windows / loader.global_batch_size)))
+        # Whole batches within one pass over the val split (floor): a partial last batch would wrap
+        # around and score the first windows twice.  A split smaller than one global batch gets a
+        # smaller batch instead; windows repeat only if there are fewer of them than ranks.
+        per_rank = max(1, min(loader.batch_size, loader.n_windows // self.dist.world_size))
+        if per_rank != loader.batch_size:
+            loader = self._make_loader(self.val_tokens, "sliding", batch_size=per_rank, shuffle=False)
+        n = max(1, min(self.cfg.eval_iters, loader.n_windows // loader.global_batch_size))
         total = torch.zeros((), device=self.device)
         for _ in range(n):
             x, y = self._to_device(*loader.next_batch())

@@ -16,6 +16,8 @@ import math
 import os
 from pathlib import Path
 
+from .checkpoint import atomic_write, atomic_write_text
+
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
@@ -40,13 +42,10 @@ class MetricsLog:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("", encoding="utf-8")  # a fresh run starts a fresh log
-        else:
+        if resume_step is not None:
             self.records = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
-            os.replace(tmp, self.path)
+        # A fresh run starts a fresh log; a resumed one keeps the records up to its checkpoint.
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def log(self, **record) -> None:
         if not self.enabled:
@@ -77,7 +76,7 @@ def plot_losses(records: list[dict], path: str | os.PathLike, *, yardstick: floa
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)

@@ -101,9 +101,9 @@ def build_model(cfg, ckpt: dict | None):
     from .model import GPT, GPTConfig
 
     if ckpt is not None:
-        model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-        return model
+        from .checkpoint import model_from_checkpoint
+
+        return model_from_checkpoint(ckpt).train()
     overrides = {k: getattr(cfg, k) for k in MODEL_OVERRIDES if getattr(cfg, k) is not None}
     if cfg.block_size is not None:
         overrides["block_size"] = cfg.block_size
@@ -114,6 +114,20 @@ def build_model(cfg, ckpt: dict | None):
     if fixed:
         raise ValueError(f"--{fixed[0].replace('_', '-')} cannot be changed when starting from {cfg.init_from}")
     return GPT.from_pretrained(cfg.init_from, **overrides)
+
+
+def planned_block_size(cfg, ckpt: dict | None) -> int | None:
+    """The training window length, known before the model is built (None for a Hugging Face
+    folder without --block-size: its config.json decides once it is loaded)."""
+    from .model import GPTConfig
+
+    if cfg.block_size is not None:
+        return cfg.block_size
+    if ckpt is not None:
+        return ckpt["model_config"]["block_size"]
+    if cfg.init_from == "scratch":
+        return GPTConfig.from_preset(cfg.preset).block_size
+    return None
 
 
 def choose_loader_mode(requested: str, n_train: int, tokens_per_step: int, max_steps: int) -> str:

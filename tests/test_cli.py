@@ -39,6 +39,7 @@ def test_prepare_prints_counts_and_paths():
     assert 4000 < n_total < 6000  # ~5.1k GPT-2 tokens
     train_path = next(line.split(": ", 1)[1] for line in proc.stdout.splitlines() if "train_path" in line)
     assert os.path.getsize(train_path) == 2 * int(first.split("(")[1].split(" train")[0].replace(",", ""))
+    assert any(line.startswith("  dir: ") for line in proc.stdout.splitlines())
 
 
 def test_pretrain_reports_and_writes_outputs(trained):
@@ -100,3 +101,44 @@ def test_non_finite_loss_exits_nonzero(tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "at step" in err and "Traceback" not in err
+
+
+RESUME_RUN = [*TINY, "--batch-size", "2", "--grad-accum-steps", "2", "--dropout", "0.1", "--loader", "sliding",
+              "--seed", "5", "--max-steps", "4", "--lr", "3e-3", "--warmup-steps", "2", "--eval-iters", "2",
+              "--eval-interval", "0", "--sample-tokens", "0", "--checkpoint-interval", "2"]
+
+
+def test_resume_continues_the_run_with_its_own_settings(tmp_path, monkeypatch, capsys):
+    from llm.train import Trainer
+    from llm.train_log import read_metrics, step_losses
+
+    assert main(["pretrain", *RESUME_RUN, "--out-dir", str(tmp_path / "full")]) == 0
+    real_after_step = Trainer._after_step
+
+    def crash_after_3(self, record):
+        real_after_step(self, record)
+        if record["step"] == 3:
+            raise KeyboardInterrupt  # a Ctrl-C after step 3: the checkpoint of step 2 is on disk
+
+    split = str(tmp_path / "split")
+    monkeypatch.setattr(Trainer, "_after_step", crash_after_3)
+    assert main(["pretrain", *RESUME_RUN, "--out-dir", split]) == 130
+    monkeypatch.setattr(Trainer, "_after_step", real_after_step)
+    capsys.readouterr()
+
+    # A setting that decides the data stream cannot change: a clear error naming it, nothing run.
+    assert main(["pretrain", "--resume", "--out-dir", split, "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size cannot change when resuming" in err and "batch_size=2" in err and "asks for 4" in err
+    # Only --resume and --out-dir: everything else (preset, data, batch, dropout, seed...) comes from the checkpoint.
+    assert main(["pretrain", "--resume", "--out-dir", split]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    full = step_losses(read_metrics(tmp_path / "full" / "metrics.jsonl"))
+    assert len(full) == 4
+    assert step_losses(read_metrics(tmp_path / "split" / "metrics.jsonl")) == full  # bitwise
+
+
+def test_fresh_pretrain_into_a_used_out_dir_needs_overwrite(trained, capsys):
+    out, _ = trained
+    assert main(["pretrain", *TINY, "--max-steps", "1", "--out-dir", str(out)]) == 2
+    assert "ckpt.pt exists: pass --resume to continue it, --overwrite to start over" in capsys.readouterr().err

@@ -491,3 +491,12 @@ def test_unigram_loss_by_hand():
     assert loss == pytest.approx(-(math.log(3 / 6) + math.log(1 / 6)) / 2)
     with pytest.raises(ValueError):
         unigram_loss([0, 5], [0], vocab_size=3)
+
+
+def test_load_state_dict_rejects_another_global_batch():
+    # Batch k is cut from a global batch of batch_size * world_size windows: another size is
+    # another stream, even with the same tokens.
+    saved = TokenLoader(np.arange(400), batch_size=2, block_size=16, world_size=2).state_dict()
+    with pytest.raises(ValueError, match="global_batch_size=4, but this loader has 2"):
+        TokenLoader(np.arange(400), batch_size=2, block_size=16).load_state_dict(saved)
+    TokenLoader(np.arange(400), batch_size=4, block_size=16).load_state_dict(saved)  # same global batch: fine

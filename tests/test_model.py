@@ -246,3 +246,35 @@ def test_model_calls_only_the_kernels_api(monkeypatch):
         assert name not in source
     assert all(type(m) is not torch.nn.LayerNorm for m in model.modules())
     assert isinstance(model.transformer.ln_f, LayerNorm)
+
+
+def test_autocast_runs_the_lm_head_and_loss_in_the_autocast_dtype(monkeypatch):
+    # Under autocast ln_f's output is fp32 (the residual stream is); the fused head + loss must
+    # still get the autocast dtype, as the lm_head Linear would, for both hidden states and weight.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny")).eval()
+    idx = torch.randint(0, model.config.vocab_size, (2, 16))
+    _, fp32_loss = model(idx, idx)
+    seen = []
+    real = kernels.linear_cross_entropy
+
+    def recording(hidden, weight, targets, **kw):
+        seen.append((hidden.dtype, weight.dtype))
+        return real(hidden, weight, targets, **kw)
+
+    monkeypatch.setattr(kernels, "linear_cross_entropy", recording)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, bf16_loss = model(idx, idx)
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert torch.isfinite(bf16_loss)
+    assert bf16_loss.float().item() == pytest.approx(fp32_loss.item(), abs=0.05)
+    _, plain = model(idx, idx)  # no autocast: fp32 as before
+    assert seen[-1] == (torch.float32, torch.float32) and plain.item() == fp32_loss.item()
+
+
+def test_from_pretrained_crop_does_not_keep_the_full_position_table(tmp_path):
+    pytest.importorskip("safetensors")
+    GPT(GPTConfig.from_preset("tiny")).save_pretrained(tmp_path)
+    short = GPT.from_pretrained(tmp_path, block_size=8)
+    wpe = short.transformer.wpe.weight
+    assert wpe.shape[0] == 8 and wpe.untyped_storage().nbytes() == wpe.numel() * wpe.element_size()

@@ -5,16 +5,35 @@ tens of milliseconds on 2 CPU cores.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
+import os
+import types
 
 import pytest
 import torch
 
-from llm.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_model
+from llm import train_setup
+from llm.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    capture_rng,
+    load_checkpoint,
+    load_model,
+    remove_stale_temps,
+)
+from llm.data import TokenLoader
 from llm.model import GPT, GPTConfig
 from llm.optim import lr_at, param_groups
-from llm.train import NonFiniteLossError, TrainConfig, train
+from llm.train import (
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    check_resume_config,
+    resume_config,
+    train,
+)
 from llm.train_log import read_metrics, step_losses
 
 
@@ -199,6 +218,14 @@ def test_grad_accumulation_matches_a_bigger_batch(tmp_path):
 def test_config_validation():
     with pytest.raises(ValueError, match="batch_size"):
         tiny_cfg("x", batch_size=0).validate()
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        tiny_cfg("x", lr=0.0, min_lr=0.0).validate()
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        tiny_cfg("x", weight_decay=-0.1).validate()
+    with pytest.raises(ValueError, match="grad_clip must be >= 0"):  # would silently disable clipping
+        tiny_cfg("x", grad_clip=-1.0).validate()
+    with pytest.raises(ValueError, match="resume and overwrite"):
+        tiny_cfg("x", resume=True, overwrite=True).validate()
     with pytest.raises(ValueError, match="min_lr"):
         tiny_cfg("x", lr=1e-4, min_lr=1e-3).validate()
     with pytest.raises(ValueError, match="loader"):
@@ -215,3 +242,95 @@ def test_init_from_a_hugging_face_folder(tmp_path):
     assert (conf["n_embd"], conf["block_size"], conf["dropout"]) == (64, 32, 0.1)  # cropped to the windows
     with pytest.raises(ValueError, match="n-layer"):
         train(tiny_cfg(tmp_path / "bad", init_from=str(tmp_path / "hf"), n_layer=3))
+
+
+def test_fresh_run_refuses_to_clobber_a_run_and_overwrite_starts_over(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(out, max_steps=1))
+    before = {name: file_digest(out / name) for name in ("ckpt.pt", "metrics.jsonl", "loss.png")}
+    with pytest.raises(FileExistsError, match="ckpt.pt exists: pass --resume to continue it, --overwrite"):
+        train(tiny_cfg(out, max_steps=1))
+    assert {name: file_digest(out / name) for name in before} == before  # nothing touched
+    stale = out / f".ckpt.pt.tmp-{2**22 + 1}"  # above Linux's pid_max: that writer is surely gone
+    live = out / f".ckpt.pt.tmp-{os.getppid()}"  # a live process: maybe writing right now
+    stale.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"in progress")
+
+    summary = train(tiny_cfg(out, max_steps=2, overwrite=True))
+    assert summary["steps"] == 2
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1, 2]  # only the new run
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 2
+    assert not stale.exists() and live.exists()
+    assert remove_stale_temps(out / "ckpt.pt") == []
+
+
+def test_resume_config_takes_saved_settings_and_checks_changes(tmp_path):
+    saved = dataclasses.asdict(tiny_cfg(tmp_path, batch_size=2, dropout=0.1, max_steps=10))
+    cfg = resume_config(saved, {"out_dir": "elsewhere", "max_steps": 20})
+    assert (cfg.batch_size, cfg.dropout, cfg.max_steps, cfg.out_dir, cfg.resume) == (2, 0.1, 20, "elsewhere", True)
+    assert check_resume_config(saved, cfg) == {"max_steps": (10, 20)}
+    for name, value, flag in [("batch_size", 4, "--batch-size"), ("data", "tinyshakespeare", "--data"),
+                              ("dropout", 0.0, "--dropout"), ("seed", 1, "--seed")]:
+        with pytest.raises(ValueError, match=f"{flag} cannot change when resuming.*{name}={saved[name]!r}.*{value!r}"):
+            check_resume_config(saved, resume_config(saved, {name: value}))
+    # batch_size is per process: 2 ranks x 2 then, 1 x 4 now is the same global batch
+    assert check_resume_config(saved, resume_config(saved, {"batch_size": 4}), 2, 1) == {}
+
+
+def test_splits_shorter_than_a_window_fail_early_and_say_so(tmp_path, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the model must not be built")
+
+    monkeypatch.setattr(train_setup, "build_model", no_model)
+    with pytest.raises(ValueError, match=r"validation split has \d+ tokens \(val_fraction=0.002\), fewer than "
+                                         r"block_size \+ 1 = 33; raise --val-fraction or lower --block-size"):
+        train(tiny_cfg(tmp_path, val_fraction=0.002))
+    with pytest.raises(ValueError, match=r"training split has \d+ tokens \(val_fraction=0.998\).*lower --val-fraction"):
+        train(tiny_cfg(tmp_path, val_fraction=0.998))
+
+
+# The val split has 16 windows of 32: 5 leaves a partial last batch; 20 is more than all of them.
+@pytest.mark.parametrize("batch_size", [5, 20])
+def test_evaluation_scores_each_val_window_at_most_once(tmp_path, monkeypatch, batch_size):
+    eval_loaders = []
+    real_next = TokenLoader.next_batch
+
+    def spy(self):
+        if not self.shuffle:  # the eval loaders
+            eval_loaders.append(self)
+        return real_next(self)
+
+    monkeypatch.setattr(TokenLoader, "next_batch", spy)
+    train(tiny_cfg(tmp_path, max_steps=1, batch_size=batch_size, eval_iters=100))
+    assert eval_loaders
+    for loader in set(eval_loaders):
+        assert loader.step * loader.global_batch_size <= loader.n_windows  # never wrapped into epoch 2
+        assert loader.step == max(1, loader.n_windows // loader.global_batch_size)  # every whole batch
+
+
+def test_resume_on_another_world_size_gives_ranks_their_own_dropout(tmp_path):
+    # A 1-process checkpoint resumed by rank 1 of 2: rank 0's saved state, then a torch reseed.
+    fake = types.SimpleNamespace(dist=types.SimpleNamespace(rank=1, world_size=2), cfg=tiny_cfg(tmp_path), step=5)
+    saved = capture_rng()
+    Trainer._restore_rng(fake, [saved])
+    assert torch.initial_seed() == 7 + 1 + 5
+    fake.dist.rank = 0
+    Trainer._restore_rng(fake, [saved])
+    assert torch.equal(torch.get_rng_state(), saved["torch"])  # rank 0 continues the saved stream
+
+
+def test_metrics_rewrite_on_resume_is_durable(tmp_path, monkeypatch):
+    import llm.checkpoint
+    from llm.train_log import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    for step in (1, 2, 3):
+        log.log(step=step, loss=float(step))
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(llm.checkpoint.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    assert [r["step"] for r in MetricsLog(path, resume_step=2).records] == [1, 2]
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    assert synced  # written through the fsync-ing atomic writer, like the checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temp left

@@ -218,13 +218,16 @@ class TokenLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``: the next batches equal those the saved loader would have given.
 
-        The token stream, mode, block size and stride must match; the seed is taken from
-        ``state``.  The world size may differ as long as the global batch size is the same.
+        The token stream, mode, block size, stride and global batch size must match (the world
+        size may differ as long as ``batch_size * world_size`` is the same); the seed is taken
+        from ``state``.
         """
         for key, mine in [
             ("mode", self.mode),
             ("block_size", self.block_size),
             ("n_tokens", len(self.tokens)),
+            # batch_size * world_size: batch k is cut from the global batch, so this fixes the stream
+            ("global_batch_size", self.global_batch_size),
         ] + ([("stride", self.stride)] if self.mode == "sliding" else []):
             if state[key] != mine:
                 raise ValueError(f"loader state has {key}={state[key]!r}, but this loader has {mine!r}")
@@ -234,6 +237,18 @@ class TokenLoader:
         self.index = int(state["index"])
         self.shuffle = bool(state.get("shuffle", self.shuffle))
         self._order_epoch = -1  # the seed may have changed
+
+
+def _token_counts(tokens: np.ndarray, vocab_size: int, what: str) -> np.ndarray:
+    """How often each token id occurs in ``tokens``, an int64 array of length ``vocab_size``."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    chunk = 1 << 24  # bincount on slices, so a memmapped corpus is never loaded (as int64) whole
+    for i in range(0, len(tokens), chunk):
+        part = np.asarray(tokens[i : i + chunk])
+        if part.size and int(part.max()) >= vocab_size:
+            raise ValueError(f"{what} token id {int(part.max())} >= vocab_size {vocab_size}")
+        counts += np.bincount(part, minlength=vocab_size)
+    return counts
 
 
 def unigram_loss(train_tokens: TokenStream, val_tokens: TokenStream, vocab_size: int = 50257) -> float:
@@ -247,18 +262,6 @@ def unigram_loss(train_tokens: TokenStream, val_tokens: TokenStream, vocab_size:
     val = as_token_array(val_tokens)
     if len(val) == 0:
         raise ValueError("unigram_loss needs at least one validation token")
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    chunk = 1 << 24  # bincount on slices, so a memmapped corpus is never loaded (as int64) whole
-    for i in range(0, len(train), chunk):
-        part = np.asarray(train[i : i + chunk])
-        if part.size and int(part.max()) >= vocab_size:
-            raise ValueError(f"train token id {int(part.max())} >= vocab_size {vocab_size}")
-        counts += np.bincount(part, minlength=vocab_size)
-    log_p = np.log(counts + 1.0) - np.log(len(train) + vocab_size)
-    val_counts = np.zeros(vocab_size, dtype=np.int64)
-    for i in range(0, len(val), chunk):
-        part = np.asarray(val[i : i + chunk])
-        if int(part.max()) >= vocab_size:
-            raise ValueError(f"val token id {int(part.max())} >= vocab_size {vocab_size}")
-        val_counts += np.bincount(part, minlength=vocab_size)
+    log_p = np.log(_token_counts(train, vocab_size, "train") + 1.0) - np.log(len(train) + vocab_size)
+    val_counts = _token_counts(val, vocab_size, "val")
     return float(-(val_counts * log_p).sum() / len(val))
