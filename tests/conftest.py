@@ -10,6 +10,13 @@ import os
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's interpreter on the CPU.  Triton reads this when
+# `import triton` runs and when each @triton.jit kernel is decorated, so it is set here, before any
+# test imports triton or a kernel module.  (Backend selection reads it at call time: tests that need
+# the "no interpreter" situation unset it with monkeypatch.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_configure(config):
     # The tests run tiny models, where thread start-up costs more than it saves: on CI's 2 cores one

@@ -39,16 +39,20 @@ def test_unknown_backend_name():
 
 
 @pytest.mark.parametrize("name", ["triton", "cuda"])
-def test_explicit_backend_that_cannot_run_raises_naming_why(name):
+def test_explicit_backend_that_cannot_run_raises_naming_why(name, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # without the interpreter Triton needs CUDA tensors
     with kernels.backend(name), pytest.raises(kernels.BackendUnavailableError, match=f"'{name}' cannot run layer_norm on cpu: .+"):
         kernels.layer_norm(x, w, b)
 
 
-def test_available_backends_reports_reasons():
+def test_available_backends_reports_reasons(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     report = kernels.available_backends("cpu")
     assert report["torch"] is None
     assert set(report) == {"torch", "triton", "cuda"}
     assert all(isinstance(r, str) and r for n, r in report.items() if n != "torch")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.available_backends("cpu")["triton"] is None  # the interpreter runs every op on the CPU
 
 
 def test_set_backend_persists_until_reset_and_none_returns_to_the_env(monkeypatch):

@@ -1,0 +1,305 @@
+"""Triton kernels for the loss: fused softmax-cross-entropy and the chunked LM head + loss.
+
+Math.  For one row of logits z (V,) with target y, loss = logsumexp(z) - z_y and
+    d loss / d z = softmax(z) - onehot(y).
+The public loss is the mean over the n_valid rows whose target is not ``ignore_index`` (0 when
+there are none), so each valid row's gradient is scaled by 1/n_valid and ignored rows get zero.
+n_valid is counted on the device and read by the kernel through a pointer: no host sync.
+
+Cross-entropy (``cross_entropy``).  One program per row, two sweeps over the vocab in BLOCK_V
+pieces (V = 50257 takes 13 blocks of 4096): sweep 1 keeps an online max m and sum d of exp(z - m)
+(rescaling d whenever m grows), giving lse = m + log d; sweep 2 writes (exp(z - lse) - onehot) *
+scale.  Everything is fp32 in registers whatever the storage dtype; row offsets are int64.  As in
+Liger / llm.c the gradient is produced in the forward pass (for grad_out = 1) and backward only
+multiplies it by grad_out.  Bytes moved: the kernel reads the logits twice and writes the gradient
+once (3 N V elements), backward's grad_out scaling reads and writes it once more (5 N V in all),
+against ~8 N V for an unfused log_softmax + gather + their backwards.  ``_ce_forward(..., inplace=True)`` writes the gradient
+over the logits themselves (used on the LM-head chunks this module owns); the public autograd path
+writes into a fresh buffer, so a logits tensor the caller still holds is never touched.
+
+Linear cross-entropy (``linear_cross_entropy``).  For each chunk of rows: logits_c = h_c @ W^T
+(torch matmul), the kernel above in place on logits_c with scale 1 (so fp16 gradients do not
+underflow), then grad_h_c = dlogits_c @ W and grad_W += dlogits_c^T @ h_c (fp32 accumulator), all in
+the forward pass; the global 1/n_valid and grad_out are applied to the (N, C) and (V, C) results.
+The (N, V) logits never exist: the extra memory is one chunk_rows x V logits chunk plus grad_h
+(N, C) and the fp32 grad_W (V, C); chunk_rows = clamp(_CHUNK_ELEMS // V, 1, N), independent of N.
+Bytes moved per chunk: the logits chunk is written once by the matmul, read twice and rewritten
+once by the kernel, and read by the two gradient matmuls (on CUDA the fp16/bf16 dlogits^T @ h
+product comes out in fp32 via ``torch.mm(out_dtype=)``, a (V, C) fp32 temporary per chunk).  Like
+every backend, it computes in its inputs' dtype whatever autocast says (the model casts hidden and
+weight to the autocast dtype itself), and returns gradients in the inputs' dtypes.
+
+Limits.  float64 inputs fall back to ``kernels.reference`` (Triton has no fast fp64 path).  The
+stored gradients (N, V for cross_entropy) live from forward to backward; calling backward twice
+(retain_graph) is fine since backward does not modify them.  Targets outside [0, V) that are not
+``ignore_index`` are only bounds-masked on the GPU (the API rejects them for CPU tensors).  On the
+CPU (or a torch without mm's out_dtype) the fp16/bf16 per-chunk dlogits^T @ h product is rounded to
+the input dtype before the fp32 sum.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from .backends import register
+
+# Vocab block per loop step (V = 50257 -> 13 blocks); also fine for the interpreter's speed.
+MAX_BLOCK_V = 4096
+# Elements of one LM-head logits chunk (chunk_rows * V); 2**25 is 64 MB in bf16, ~667 rows at V=50257.
+_CHUNK_ELEMS = 2**25
+
+
+@triton.jit
+def _ce_kernel(
+    z_ptr, z_stride,  # logits (N, V), unit stride along V
+    y_ptr,  # targets (N,), int32 or int64
+    g_ptr, g_stride,  # gradient out (N, V); may be z_ptr itself (in place)
+    loss_ptr,  # (N,) fp32 per-row loss, 0 for ignored rows
+    scale_ptr,  # () fp32 gradient scale (1/n_valid, or 1)
+    V, ignore_index,
+    BLOCK_V: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * z_stride
+    y = tl.load(y_ptr + row).to(tl.int64)
+    valid = y != ignore_index
+    y_safe = tl.where(valid & (y >= 0) & (y < V), y, 0)
+    offs = tl.arange(0, BLOCK_V)
+
+    # sweep 1: online max / sum-of-exp over the row
+    m = float("-inf")
+    d = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(d)
+    z_y = tl.load(z_row + y_safe).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(valid, lse - z_y, 0.0))
+
+    # sweep 2: gradient (softmax - onehot) * scale, zero for ignored rows
+    if WRITE_GRAD:
+        scale = tl.where(valid, tl.load(scale_ptr), 0.0)
+        g_row = g_ptr + row * g_stride
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            mask = cols < V
+            z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+            p = tl.exp(z - lse)
+            g = (p - tl.where(cols == y, 1.0, 0.0)) * scale
+            tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+# True when the kernels were decorated under TRITON_INTERPRET=1 (decided at import, not at launch).
+INTERPRET = type(_ce_kernel).__name__ == "InterpretedFunction"
+
+
+def _launch_config(V: int) -> tuple[int, int]:
+    block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    warps = 16 if block >= 4096 else 8 if block >= 1024 else 4
+    return block, warps
+
+
+def _valid_count_scale(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_valid, 1 / max(n_valid, 1)) as device tensors: counted on the device, no host sync."""
+    n_valid = (targets != ignore_index).sum()
+    return n_valid, 1.0 / n_valid.clamp(min=1).to(torch.float32)
+
+
+def _ce_forward(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    scale: torch.Tensor | None,
+    *,
+    write_grad: bool = True,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row losses (N,) fp32 and, if ``write_grad``, (softmax - onehot) * scale (N, V).
+
+    logits: (N, V); targets: (N,); scale: a 0-d fp32 device tensor.  With ``inplace`` the gradient
+    overwrites ``logits`` (only for tensors the caller owns), else it goes to a new tensor.
+    """
+    N, V = logits.shape
+    if logits.stride(-1) != 1:
+        if inplace:
+            raise ValueError("_ce_forward(inplace=True) needs logits with unit stride along the vocab")
+        logits = logits.contiguous()
+    targets = targets.contiguous()
+    losses = torch.empty(N, dtype=torch.float32, device=logits.device)
+    if write_grad:
+        grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    else:
+        grad = logits  # unused by the kernel
+    if scale is None:
+        scale = torch.ones((), dtype=torch.float32, device=logits.device)
+    block, warps = _launch_config(V)
+    _ce_kernel[(N,)](
+        logits, logits.stride(0), targets, grad, grad.stride(0), losses, scale, V, ignore_index,
+        BLOCK_V=block, WRITE_GRAD=write_grad, num_warps=warps,
+    )
+    return losses, (grad if write_grad else None)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index):
+        V = logits.shape[-1]
+        z, y = logits.reshape(-1, V), targets.reshape(-1)
+        _, scale = _valid_count_scale(y, ignore_index)
+        losses, grad = _ce_forward(z, y, ignore_index, scale, write_grad=True, inplace=False)
+        ctx.save_for_backward(grad)
+        ctx.logits_shape = logits.shape
+        return losses.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        # out of place: the stored gradient stays valid for a second backward (retain_graph)
+        dlogits = (grad * grad_out).reshape(ctx.logits_shape)  # 0-d fp32 grad_out keeps grad.dtype
+        return dlogits, None, None
+
+
+@register("triton", "cross_entropy")
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of logits (..., V) against targets (...); fp32 scalar (see module doc)."""
+    if logits.dtype == torch.float64:
+        return reference.cross_entropy(logits, targets, ignore_index)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _CrossEntropy.apply(logits, targets, ignore_index)
+    y = targets.reshape(-1)
+    _, scale = _valid_count_scale(y, ignore_index)
+    losses, _ = _ce_forward(logits.reshape(-1, logits.shape[-1]), y, ignore_index, scale, write_grad=False)
+    return losses.sum() * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear cross-entropy: LM head + loss in chunks of rows.
+
+
+def _chunk_rows(N: int, V: int, chunk_rows: int | None) -> int:
+    rows = chunk_rows if chunk_rows is not None else _CHUNK_ELEMS // V
+    return max(1, min(N, rows))
+
+
+def _fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    *,
+    need_grad_hidden: bool = True,
+    need_grad_weight: bool = True,
+    chunk_rows: int | None = None,
+    grad_weight_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Mean loss (fp32 0-d), d loss/d hidden (N, C) and d loss/d weight (V, C) for grad_out = 1,
+    grad_h in hidden's dtype; grad_w accumulated in fp32, returned in ``grad_weight_dtype``
+    (default: weight's dtype).
+
+    hidden: (N, C); weight: (V, C); targets: (N,).  Rows are processed ``chunk_rows`` at a time
+    (default: ``_CHUNK_ELEMS // V``), so at most one (chunk_rows, V) logits block exists at once.
+    """
+    N, C = hidden.shape
+    V = weight.shape[0]
+    rows = _chunk_rows(N, V, chunk_rows)
+    need_grad = need_grad_hidden or need_grad_weight
+    _, scale = _valid_count_scale(targets, ignore_index)
+    one = torch.ones((), dtype=torch.float32, device=hidden.device)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty(N, C, dtype=hidden.dtype, device=hidden.device) if need_grad_hidden else None
+    grad_w = torch.zeros(V, C, dtype=torch.float32, device=weight.device) if need_grad_weight else None
+    with reference._exact(hidden.device):  # autocast off: the matmuls run in the inputs' dtype
+        for start in range(0, N, rows):
+            _chunk(hidden, weight, targets, ignore_index, start, rows, one, loss_sum, grad_h, grad_w, need_grad)
+    if need_grad_hidden:
+        grad_h.mul_(scale)
+    if need_grad_weight:  # scaled in fp32, then one rounding to the weight's dtype (frees the fp32 sum)
+        grad_w = grad_w.mul_(scale).to(grad_weight_dtype or weight.dtype)
+    return loss_sum * scale, grad_h, grad_w
+
+
+def _chunk(hidden, weight, targets, ignore_index, start, rows, one, loss_sum, grad_h, grad_w, need_grad):
+    """One chunk of rows: logits, CE in place, and its share of the loss and of both gradients."""
+    h = hidden[start : start + rows]
+    logits = h @ weight.t()  # (rows, V) in the input dtype: the only V-wide tensor
+    losses, dlogits = _ce_forward(
+        logits, targets[start : start + rows], ignore_index, one, write_grad=need_grad, inplace=True
+    )
+    loss_sum += losses.sum()
+    if grad_h is not None:
+        torch.mm(dlogits, weight, out=grad_h[start : start + rows])
+    if grad_w is not None:
+        _add_weight_grad(grad_w, dlogits, h)
+
+
+_MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=fp32) works here (CUDA, recent torch); cleared on failure
+
+
+def _add_weight_grad(grad_w: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_w (fp32) += dlogits^T @ h, the fp16/bf16 product kept in fp32 where torch can."""
+    global _MM_OUT_DTYPE
+    if dlogits.dtype == torch.float32:
+        grad_w.addmm_(dlogits.t(), h)
+        return
+    if dlogits.is_cuda and _MM_OUT_DTYPE:
+        try:
+            grad_w += torch.mm(dlogits.t(), h, out_dtype=torch.float32)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+    grad_w += dlogits.t() @ h  # product rounded to fp16/bf16 (fp32 inside the matmul), summed in fp32
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, compute_dtype):
+        C = hidden.shape[-1]
+        loss, grad_h, grad_w = _fused_linear_cross_entropy(
+            hidden.reshape(-1, C).to(compute_dtype), weight.to(compute_dtype), targets.reshape(-1), ignore_index,
+            need_grad_hidden=ctx.needs_input_grad[0], need_grad_weight=ctx.needs_input_grad[1],
+            chunk_rows=chunk_rows, grad_weight_dtype=weight.dtype,
+        )
+        ctx.hidden_shape, ctx.hidden_dtype, ctx.weight_dtype = hidden.shape, hidden.dtype, weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        dh = dw = None
+        if grad_h is not None:  # out of place, so a second backward (retain_graph) sees the same grads
+            dh = (grad_h * grad_out).to(ctx.hidden_dtype).reshape(ctx.hidden_shape)
+        if grad_w is not None:
+            dw = (grad_w * grad_out).to(ctx.weight_dtype)
+        return dh, dw, None, None, None, None
+
+
+def linear_cross_entropy_chunked(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """``linear_cross_entropy`` with an explicit chunk size (rows of logits formed at a time)."""
+    if hidden.dtype == torch.float64:
+        return reference.linear_cross_entropy(hidden, weight, targets, ignore_index)
+    cdt = hidden.dtype  # the op computes in its inputs' dtype; the model casts for autocast (llm/model.py)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows, cdt)
+    loss, _, _ = _fused_linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]).to(cdt), weight.to(cdt), targets.reshape(-1), ignore_index,
+        need_grad_hidden=False, need_grad_weight=False, chunk_rows=chunk_rows,
+    )
+    return loss
+
+
+@register("triton", "linear_cross_entropy")
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """``cross_entropy(hidden @ weight.T, targets)`` without ever forming the (N, V) logits."""
+    return linear_cross_entropy_chunked(hidden, weight, targets, ignore_index)

@@ -1,0 +1,176 @@
+"""The Triton FlashAttention-2 kernels (kernels/flash_attention.py) against the pure-PyTorch reference.
+
+Without a GPU the kernels run in Triton's interpreter on the CPU (see the TRITON_INTERPRET note below).
+The interpreter is slow: shapes are small and
+chosen so that every T and every D appear at least once rather than the full cross product.
+"""
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels import backends, reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Without CUDA, tests/conftest.py has set TRITON_INTERPRET=1 before anything imported triton, so the
+# kernels below run in Triton's interpreter on the CPU.
+triton = pytest.importorskip("triton")
+from kernels import flash_attention as fa  # noqa: E402
+
+if DEVICE == "cpu":
+    assert fa.INTERPRET, "no CUDA and the Triton kernels are not interpreted: run pytest from the repo (tests/conftest.py)"
+
+
+SIBLINGS = ("fused_layernorm", "fused_cross_entropy")
+
+
+def _inputs(B, H, Tq, Tk, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, generator=g).to(DEVICE, dtype) for T in (Tq, Tk, Tk))
+    do = torch.randn(B, H, Tq, D, generator=g).to(DEVICE, dtype)
+    return q, k, v, do
+
+
+def _run(fn, q, k, v, do, scale=None):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    o = fn(q, k, v, scale)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+    return o, dq, dk, dv
+
+
+def _assert_matches(q, k, v, do, scale=None, atol=1e-4, rtol=1e-4):
+    ours = _run(fa.causal_attention, q, k, v, do, scale)
+    ref = _run(reference.causal_attention, *(t.float() for t in (q, k, v, do)), scale)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
+        assert a.dtype == q.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a.float(), b, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# every T in {1, 17, 97, 128, 257} and every D in {16, 64, 80, 128} at least once; 80 is not a power of 2
+@pytest.mark.parametrize(
+    "T,D,H",
+    [(1, 16, 1), (1, 128, 1), (17, 64, 2), (17, 80, 1), (97, 16, 1), (97, 80, 1), (128, 128, 1), (128, 64, 2),
+     (257, 64, 1), (257, 80, 1), (33, 8, 1)],  # D=8 < 16: padded up to tl.dot's minimum
+)
+def test_fp32_matches_reference(T, D, H):
+    _assert_matches(*_inputs(1, H, T, T, D))
+
+
+@pytest.mark.parametrize("T,D", [(17, 16), (97, 64), (128, 80)])
+def test_fp16_matches_reference(T, D):
+    _assert_matches(*_inputs(1, 1, T, T, D, torch.float16), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "Tq,Tk,D",
+    [(1, 1, 64), (1, 33, 64), (1, 97, 80), (5, 33, 16), (17, 100, 64), (96, 257, 16)],
+)
+def test_fewer_queries_than_keys_bottom_right_mask(Tq, Tk, D):
+    """KV-cache decoding: the Tq queries are the last Tq positions of the Tk keys."""
+    _assert_matches(*_inputs(1, 1, Tq, Tk, D))
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0])
+def test_custom_scale(scale):
+    _assert_matches(*_inputs(1, 1, 40, 40, 16), scale=scale)
+
+
+def test_batch_and_heads_use_their_own_slices():
+    _assert_matches(*_inputs(2, 3, 19, 19, 16))
+
+
+def test_lse_is_the_log_sum_exp_of_the_scaled_masked_scores():
+    q, k, v, _ = _inputs(1, 2, 23, 40, 16)
+    _, lse = fa.flash_attention_forward(q, k, v)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(16)
+    keep = torch.ones(23, 40, dtype=torch.bool, device=DEVICE).tril(diagonal=40 - 23)
+    expected = scores.masked_fill(~keep, float("-inf")).logsumexp(-1)
+    assert lse.dtype == torch.float32 and lse.shape == (1, 2, 23)
+    torch.testing.assert_close(lse, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_non_contiguous_views_of_a_fused_qkv_projection():
+    """q, k, v sliced out of a (B, T, 3, H, D) tensor: strided views, gradients flow back to the fused tensor."""
+    B, T, H, D = 2, 37, 2, 16
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(B, T, 3, H, D, generator=g).to(DEVICE)
+    do = torch.randn(B, H, T, D, generator=g).to(DEVICE)
+    grads = []
+    for fn in (fa.causal_attention, reference.causal_attention):
+        x = qkv.clone().requires_grad_(True)
+        q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D) views
+        assert not q.is_contiguous()
+        o = fn(q, k, v)
+        (o * do).sum().backward()
+        grads.append((o.detach(), x.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-4, rtol=1e-4)
+
+
+def test_float64_falls_back_to_the_reference():
+    q, k, v, _ = _inputs(1, 1, 9, 9, 16, torch.float64)
+    torch.testing.assert_close(fa.causal_attention(q, k, v), reference.causal_attention(q, k, v))
+
+
+def test_dispatch_through_the_public_api():
+    reason = backends.unavailable_reason("triton", "causal_attention", torch.device(DEVICE))
+    if reason and any(s in reason for s in SIBLINGS):
+        pytest.skip(f"a sibling Triton module is not there yet: {reason}")
+    q, k, v, do = _inputs(1, 2, 21, 21, 64)
+    with kernels.backend("triton"):
+        ours = _run(kernels.causal_attention, q, k, v, do)
+    ref = _run(reference.causal_attention, q, k, v, do)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- GPU only
+
+
+def _sdpa(q, k, v, scale=None):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,D", [(1024, 64), (1024, 128), (4096, 64), (4096, 128), (1000, 80)])
+def test_gpu_low_precision_error_within_2x_of_pytorch(dtype, T, D):
+    """Our error vs the fp32 reference is at most 2x PyTorch SDPA's own error in the same dtype (+ atol)."""
+    q, k, v, do = _inputs(2, 4, T, T, D, dtype)
+    exact = _run(reference.causal_attention, *(t.float() for t in (q, k, v, do)))
+    ours = _run(fa.causal_attention, q, k, v, do)
+    torch_same_dtype = _run(_sdpa, q, k, v, do)
+    atol = 1e-3 if dtype == torch.float16 else 8e-3
+    for name, a, b, e in zip(("out", "dq", "dk", "dv"), ours, torch_same_dtype, exact):
+        ours_err = (a.float() - e).abs().max().item()
+        torch_err = (b.float() - e).abs().max().item()
+        assert ours_err <= 2 * torch_err + atol, f"{name}: ours {ours_err:.2e} vs torch {torch_err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_decoding_low_precision(dtype):
+    q, k, v, do = _inputs(2, 4, 7, 2048, 128, dtype)
+    exact = _run(reference.causal_attention, *(t.float() for t in (q, k, v, do)))
+    ours = _run(fa.causal_attention, q, k, v, do)
+    same_dtype = _run(reference.causal_attention, q, k, v, do)  # fp32 math, rounded to dtype at the end
+    for name, a, b, e in zip(("out", "dq", "dk", "dv"), ours, same_dtype, exact):
+        ours_err = (a.float() - e).abs().max().item()
+        ref_err = (b.float() - e).abs().max().item()
+        assert ours_err <= 2 * ref_err + 1e-2, f"{name}: ours {ours_err:.2e} vs rounded reference {ref_err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_offsets_past_2_pow_31():
+    """B*H*T*D > 2^31 elements: the last batch element lives past a 32-bit offset."""
+    B, H, T, D = 1040, 16, 1024, 128  # 2^31 + 2^25 elements per tensor, 4.4 GB in fp16
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs ~24 GiB of free GPU memory")
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.float16) for _ in range(3))
+    assert q.numel() > 2**31
+    o = fa.causal_attention(q, k, v)
+    expected = reference.causal_attention(q[-1:], k[-1:], v[-1:])
+    torch.testing.assert_close(o[-1:], expected, atol=2e-2, rtol=2e-2)
