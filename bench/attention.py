@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
-from bench.common import bench, environment, markdown_table, write_results  # noqa: E402
+from bench.common import bench, environment, markdown_table, write_results, save_figure  # noqa: E402
 from kernels.backends import unavailable_reason  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -63,17 +63,17 @@ def providers(device: torch.device) -> dict:
     return found
 
 
-def measure(fn, B, H, T, D, dtype, device, mode, reps) -> float:
+def measure(fn, B, H, T, D, dtype, device, mode, reps, warmup) -> float:
     """Median ms of one mode; raises whatever the provider raises for an unsupported shape."""
     q, k, v = (torch.randn(B, H, T, D, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
     if mode == "fwd":
         with torch.no_grad():
-            return bench(lambda: fn(q, k, v), device=device, reps=reps)
+            return bench(lambda: fn(q, k, v), device=device, reps=reps, warmup=warmup)
     out = fn(q, k, v)
     grad = torch.randn_like(out)
     if mode == "bwd":
-        return bench(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True), device=device, reps=reps)
-    return bench(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad), device=device, reps=reps)
+        return bench(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True), device=device, reps=reps, warmup=warmup)
+    return bench(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad), device=device, reps=reps, warmup=warmup)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -97,10 +97,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             ax.set_ylabel("TFLOP/s")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def main(argv=None) -> int:
@@ -111,6 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--seqlens", type=int, nargs="+", default=None, help="sequence lengths T")
     p.add_argument("--tokens", type=int, default=None, help="B*T per batch (default 16384; quick: 256)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls before timing (autotuning, caches)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
 
@@ -138,7 +136,7 @@ def main(argv=None) -> int:
                 for mode in MODES:
                     row = dict(provider=name, D=D, T=T, B=B, H=H, mode=mode)
                     try:
-                        ms = measure(fn, B, H, T, D, dtype, device, mode, reps)
+                        ms = measure(fn, B, H, T, D, dtype, device, mode, reps, args.warmup)
                         row.update(ms=ms, tflops=FLOP_FACTOR[mode] * flops / (ms * 1e-3) / 1e12)
                     except (RuntimeError, torch.OutOfMemoryError) as exc:  # unsupported shape, OOM
                         row.update(ms="-", tflops="-", note=str(exc).splitlines()[0][:80])

@@ -95,3 +95,13 @@ def write_results(name: str, rows: list[dict], columns: list[str], env: dict[str
     header = "\n".join(f"- {k}: {v}" for k, v in env.items())
     stem.with_suffix(".md").write_text(f"# {name}\n\n{header}\n\n{markdown_table(rows, columns)}\n")
     return stem
+
+
+def save_figure(fig, path: Path, title: str) -> None:
+    """Title, lay out, write as PNG and free a benchmark's matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -4,16 +4,19 @@ These check that every provider that can run here produced a number and the file
 speed itself is measured by running the scripts, never in a timed test.
 """
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_attention_benchmark_quick(tmp_path):
     result = subprocess.run(
-        [sys.executable, "bench/attention.py", "--quick", "--reps", "1", "--seqlens", "33", "--dims", "16", "--out", str(tmp_path)],
+        [sys.executable, "bench/attention.py", "--quick", "--reps", "1", "--warmup", "0", "--seqlens", "33", "--dims", "16", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -26,3 +29,57 @@ def test_attention_benchmark_quick(tmp_path):
     assert all(float(r["tflops"]) > 0 for r in rows if r["tflops"] not in ("", "-"))
     assert (tmp_path / csv_path.with_suffix(".png").name).stat().st_size > 0
     assert "skip cuda:" in result.stdout  # the unbuilt extension is reported, not silently dropped
+
+
+def _run_quick(script, *args, tmp_path):
+    """Run a benchmark script on CPU-sized shapes; Triton runs in its interpreter without a GPU."""
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run(
+        [sys.executable, script, "--quick", "--reps", "1", "--warmup", "0", "--out", str(tmp_path), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def _measured(rows, metric):
+    return {tuple(r[k] for k in ("op", "provider", "mode") if k in r): float(r[metric]) for r in rows if r[metric] not in ("", "-")}
+
+
+def test_layernorm_benchmark_quick(tmp_path):
+    result = _run_quick(
+        "bench/layernorm.py", "--widths", "100", "--rows", "16",
+        "--providers", "triton", "cuda", "add-ln-triton", "reference", "F.layer_norm", tmp_path=tmp_path,
+    )
+    (csv_path,) = tmp_path.glob("layernorm_*.csv")
+    rows = list(csv.DictReader(csv_path.open()))
+    measured = _measured(rows, "gbps")
+    for provider in ("triton", "add-ln-triton", "reference", "F.layer_norm"):
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            assert measured.get((provider, mode), 0) > 0, f"{provider} {mode} not measured: {rows}"
+    assert all(float(r["pct_copy"]) > 0 and float(r["copy_gbps"]) > 0 for r in rows if r["gbps"] not in ("", "-"))
+    assert "copy:" in result.stdout
+    assert (tmp_path / csv_path.with_suffix(".png").name).stat().st_size > 0
+    assert csv_path.with_suffix(".md").read_text().startswith("# layernorm")
+    if not torch.cuda.is_available():
+        assert "skip cuda:" in result.stdout
+
+
+def test_cross_entropy_benchmark_quick(tmp_path):
+    result = _run_quick(
+        "bench/cross_entropy.py", "--tokens", "4", "--vocab", "100", "--hidden", "16",
+        "--providers", "triton", "cuda", "reference", "F.cross_entropy", tmp_path=tmp_path,
+    )
+    (csv_path,) = tmp_path.glob("cross_entropy_*.csv")
+    rows = list(csv.DictReader(csv_path.open()))
+    gbps, tflops = _measured(rows, "gbps"), _measured(rows, "tflops")
+    for provider in ("triton", "reference", "F.cross_entropy"):
+        for mode in ("fwd", "fwd+bwd"):
+            assert gbps.get(("ce", provider, mode), 0) > 0, f"ce {provider} {mode} not measured: {rows}"
+            assert tflops.get(("linear-ce", provider, mode), 0) > 0, f"linear-ce {provider} {mode} not measured: {rows}"
+    assert (tmp_path / csv_path.with_suffix(".png").name).stat().st_size > 0
+    assert csv_path.with_suffix(".md").read_text().startswith("# cross_entropy")
+    if not torch.cuda.is_available():
+        assert "skip cuda:" in result.stdout
