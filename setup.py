@@ -54,14 +54,14 @@ def extension_modules():
     elif not cu:
         why_no_cuda = "csrc/ has no .cu sources"
 
-    flags = {"cxx": ["-O3", "-std=c++17"]}
+    flags = {"cxx": ["-O3", "-std=c++20"]}
     if why_no_cuda:
         say(f"building kernels._C for CPU only; skipping its CUDA kernels: {why_no_cuda}")
         ext = cpp_extension.CppExtension("kernels._C", cpp, extra_compile_args=flags)
     else:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         say(f"building kernels._C for CPU and CUDA (TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
-        flags["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        flags["nvcc"] = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
         ext = cpp_extension.CUDAExtension("kernels._C", cpp + cu, extra_compile_args=flags)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

@@ -120,6 +120,7 @@ def _load_backend(name: str) -> str | None:
             from . import _C  # noqa: F401
         except ImportError as exc:
             return f"the C++/CUDA extension kernels._C is not built or failed to load ({exc}); run `pip install -e . --no-build-isolation`"
+        from . import _cuda_backend  # noqa: F401  (fakes, autograd and the backend's ops)
         return None
     raise AssertionError(name)
 

@@ -1,0 +1,135 @@
+// The API layer of kernels._C: declares the ops once with TORCH_LIBRARY, validates every input with
+// TORCH_CHECK (naming the tensor and printing its shape, dtype and device), and registers the CPU
+// kernels (layernorm_cpu.cpp) and the CUDA kernels (layernorm_cuda.cu, CUDA build only).
+//
+// Python side: kernels/_cuda_backend.py registers the fake (meta) implementations and the autograd
+// formula with torch.library, and the "cuda" backend's layer_norm.
+//
+// Ops (namespace llm_kernels, i.e. torch.ops.llm_kernels.*), on 2-D (M, C) tensors:
+//   layer_norm_fwd(x, weight, bias, eps) -> (y, mean, rstd)
+//       y (M, C) in x's dtype; mean, rstd (M,) in float32 (float64 for float64 x).
+//   layer_norm_bwd(dy, x, weight, mean, rstd) -> (dx, dweight, dbias)
+//       dx (M, C) in x's dtype; dweight, dbias (C,) in weight's dtype (accumulated in fp32/fp64).
+// weight and bias must have x's dtype (the Python wrapper casts them); inputs may be non-contiguous.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "common.h"
+
+namespace llm_kernels {
+
+CudaKernels& cuda_kernels() {
+  static CudaKernels table;
+  return table;
+}
+
+namespace {
+
+std::string describe(const at::Tensor& t) {
+  return c10::str("shape ", t.sizes(), ", dtype ", t.scalar_type(), ", device ", t.device());
+}
+
+void check_float(const char* op, const char* name, const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", describe(t));
+}
+
+void check_like_param(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  const int64_t C = x.size(1);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": ", name, " must have shape [", C,
+              "] to match x's last dim, got ", describe(t));
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(),
+              ", got ", describe(t));
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ",
+              describe(t));
+}
+
+void check_x(const char* op, const at::Tensor& x) {
+  check_float(op, "x", x);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, op, ": x must be 2-D (M, C) with C > 0, got ", describe(x));
+}
+
+void check_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  const char* op = "layer_norm_fwd";
+  check_x(op, x);
+  check_like_param(op, "weight", weight, x);
+  check_like_param(op, "bias", bias, x);
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, op, ": eps must be a finite positive number, got ", eps);
+}
+
+void check_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
+               const at::Tensor& rstd) {
+  const char* op = "layer_norm_bwd";
+  check_x(op, x);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.device() == x.device(), op,
+              ": dy must match x (", describe(x), "), got ", describe(dy));
+  check_like_param(op, "weight", weight, x);
+  const auto sd = stats_dtype(x.scalar_type());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mean", mean}, {"rstd", rstd}}) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0) && t.scalar_type() == sd && t.device() == x.device(), op,
+                ": ", name, " must have shape [", x.size(0), "], dtype ", sd, " and device ", x.device(),
+                " (as layer_norm_fwd returns it), got ", describe(t));
+  }
+}
+
+LayerNormFwdOut fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  check_fwd(x, weight, bias, eps);
+  return layer_norm_fwd_cpu(x.contiguous(), weight.contiguous(), bias.contiguous(), eps);
+}
+
+LayerNormBwdOut bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
+                        const at::Tensor& rstd) {
+  check_bwd(dy, x, weight, mean, rstd);
+  return layer_norm_bwd_cpu(dy.contiguous(), x.contiguous(), weight.contiguous(), mean.contiguous(),
+                            rstd.contiguous());
+}
+
+constexpr const char* kNoCuda =
+    "kernels._C was built without its CUDA kernels (CPU-only build: LLM_SKIP_CUDA_BUILD=1, a CPU-only torch or "
+    "no CUDA toolkit); rebuild with `pip install -e . --no-build-isolation` on a machine with nvcc";
+
+LayerNormFwdOut fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  check_fwd(x, weight, bias, eps);
+  TORCH_CHECK(cuda_kernels().layer_norm_fwd != nullptr, "layer_norm_fwd: ", kNoCuda);
+  return cuda_kernels().layer_norm_fwd(x.contiguous(), weight.contiguous(), bias.contiguous(), eps);
+}
+
+LayerNormBwdOut bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
+                         const at::Tensor& rstd) {
+  check_bwd(dy, x, weight, mean, rstd);
+  TORCH_CHECK(cuda_kernels().layer_norm_bwd != nullptr, "layer_norm_bwd: ", kNoCuda);
+  return cuda_kernels().layer_norm_bwd(dy.contiguous(), x.contiguous(), weight.contiguous(), mean.contiguous(),
+                                       rstd.contiguous());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llm_kernels, m) {
+  m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def(
+      "layer_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> "
+      "(Tensor dx, Tensor dweight, Tensor dbias)");
+}
+
+TORCH_LIBRARY_IMPL(llm_kernels, CPU, m) {
+  m.impl("layer_norm_fwd", &fwd_cpu);
+  m.impl("layer_norm_bwd", &bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(llm_kernels, CUDA, m) {
+  m.impl("layer_norm_fwd", &fwd_cuda);
+  m.impl("layer_norm_bwd", &bwd_cuda);
+}
+
+}  // namespace llm_kernels
+
+// `import kernels._C` needs a module init function; the ops register themselves (TORCH_LIBRARY's static
+// initializers) when the shared library loads, so the module itself is empty.  No pybind11 needed.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "C++/CUDA kernels; ops live in torch.ops.llm_kernels",
+                               -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,268 @@
+"""The C++/CUDA extension ``kernels._C``: op registration, the C++ CPU kernels, the CUDA kernels (GPU).
+
+Skipped as a whole only when ``kernels._C`` cannot be imported (not built); CI builds it with
+``pip install -e . --no-build-isolation``.  On a machine without a GPU the CPU kernels run every
+test here except those marked ``gpu``.
+"""
+import time
+
+import pytest
+import torch
+
+try:
+    import kernels._C
+except ImportError as exc:  # pragma: no cover - depends on the build
+    pytest.skip(f"kernels._C is not built ({exc}); run `pip install -e . --no-build-isolation`", allow_module_level=True)
+
+import kernels
+from kernels import _cuda_backend, backends, reference
+
+ops = torch.ops.llm_kernels
+
+# dtype -> (atol, rtol).  Both sides accumulate in fp32 (fp64) and round once on store, so the
+# low-precision results agree to ~1-2 ulp of the output.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 2e-2),
+}
+WIDTHS = [1, 768, 1000, 4096]
+ROWS = [1, 7, 33]
+
+
+def _inputs(shape, dtype, param_dtype=None, device="cpu", seed=0):
+    """x with a nonzero mean (exercises the two-pass variance), weight, bias, incoming grad dy."""
+    g = torch.Generator().manual_seed(seed)
+    C = shape[-1]
+    param_dtype = param_dtype or dtype
+    x = (1.5 + 2.0 * torch.randn(shape, generator=g)).to(dtype)
+    w = (1.0 + 0.5 * torch.randn(C, generator=g)).to(param_dtype)
+    b = (0.5 * torch.randn(C, generator=g)).to(param_dtype)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    x, w, b = (t.to(device).requires_grad_() for t in (x, w, b))
+    return x, w, b, dy.to(device)
+
+
+def _close(ours, ref, dtype, what):
+    atol, rtol = TOL[dtype]
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape, f"{what}: {ours.dtype}{tuple(ours.shape)} vs {ref.dtype}{tuple(ref.shape)}"
+    torch.testing.assert_close(ours, ref, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def _check_against_reference(shape, dtype, param_dtype=None, eps=1e-5, device="cpu"):
+    x, w, b, dy = _inputs(shape, dtype, param_dtype, device)
+    with kernels.backend("cuda"):
+        y = kernels.layer_norm(x, w, b, eps)
+    y_ref = reference.layer_norm(x, w, b, eps)
+    _close(y, y_ref, dtype, "y")
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    grads_ref = torch.autograd.grad(y_ref, (x, w, b), dy)
+    for name, g, g_ref in zip(("dx", "dweight", "dbias"), grads, grads_ref):
+        _close(g, g_ref, dtype, name)
+
+
+# ------------------------------------------------------------------------------------ registration
+
+
+def test_opcheck_forward_schema_fake_and_autograd():
+    for dtype in (torch.float32, torch.float64):
+        x, w, b, _ = _inputs((7, 33), dtype)
+        torch.library.opcheck(ops.layer_norm_fwd.default, (x, w, b, 1e-5))
+    x, w, b, _ = _inputs((5, 16), torch.float32)
+    torch.library.opcheck(ops.layer_norm_fwd.default, (x.detach(), w.detach(), b.detach(), 1e-3))
+
+
+def test_opcheck_backward():
+    x, w, b, dy = (t.detach() for t in _inputs((7, 33), torch.float32))
+    _, mean, rstd = ops.layer_norm_fwd(x, w, b, 1e-5)
+    torch.library.opcheck(ops.layer_norm_bwd.default, (dy, x, w, mean, rstd))
+
+
+def test_backend_registers_only_layer_norm():
+    cpu = torch.device("cpu")
+    assert backends.unavailable_reason("cuda", "layer_norm", cpu) is None
+    assert backends.resolve.__module__ == "kernels.backends"
+    with kernels.backend("cuda"):
+        assert backends.resolve("layer_norm", cpu) is _cuda_backend.layer_norm
+    reason = backends.unavailable_reason("cuda", "causal_attention", cpu)
+    assert reason is not None and "no cuda implementation of causal_attention" in reason
+    assert "cuda" not in backends.AUTO_PREFERENCE["cpu"] and "cuda" not in backends.AUTO_PREFERENCE["cuda"]
+
+
+def test_saved_statistics_are_mean_and_rstd():
+    x = torch.randn(5, 300) * 3 + 1
+    y, mean, rstd = ops.layer_norm_fwd(x, torch.ones(300), torch.zeros(300), 1e-5)
+    assert y.is_contiguous() and mean.dtype == rstd.dtype == torch.float32
+    torch.testing.assert_close(mean, x.mean(-1))
+    torch.testing.assert_close(rstd, torch.rsqrt(x.var(-1, unbiased=False) + 1e-5))
+
+
+# ------------------------------------------------------------------------------ CPU kernels vs reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("C", WIDTHS)
+@pytest.mark.parametrize("M", ROWS)
+def test_cpu_forward_and_grads_match_reference(M, C, dtype):
+    _check_against_reference((M, C), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("C", WIDTHS)
+def test_cpu_low_precision_matches_reference(C, dtype):
+    _check_against_reference((33, C), dtype)
+
+
+def test_cpu_leading_dims_eps_and_strided_input():
+    _check_against_reference((2, 3, 130), torch.float64, eps=1e-3)
+    base = torch.randn(5, 64)
+    x = base[:, :40].requires_grad_()  # row stride 64: not contiguous
+    w = torch.randn(40, 2)[:, 1].requires_grad_()  # stride 2
+    b = torch.randn(40, requires_grad=True)
+    dy = torch.randn(40, 5).t()  # column stride 5
+    with kernels.backend("cuda"):
+        y = kernels.layer_norm(x, w, b)
+    y_ref = reference.layer_norm(x, w, b)
+    _close(y, y_ref, torch.float32, "strided y")
+    for g, g_ref in zip(torch.autograd.grad(y, (x, w, b), dy), torch.autograd.grad(y_ref, (x, w, b), dy)):
+        _close(g, g_ref, torch.float32, "strided grads")
+
+
+def test_cpu_params_in_another_dtype_than_x():
+    """fp32 weight/bias with fp16 x: output in x's dtype, parameter grads back in fp32."""
+    x, w, b, dy = _inputs((6, 200), torch.float16, param_dtype=torch.float32)
+    with kernels.backend("cuda"):
+        y = kernels.layer_norm(x, w, b)
+    assert y.dtype == torch.float16
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), dy)
+    assert dx.dtype == torch.float16 and dw.dtype == db.dtype == torch.float32
+    y_ref = reference.layer_norm(x, w.half().float(), b.half().float())  # the wrapper rounds w, b to fp16
+    _close(y, y_ref, torch.float16, "y")
+
+
+def test_cpu_empty_rows():
+    x, w, b, _ = _inputs((0, 16), torch.float32)
+    with kernels.backend("cuda"):
+        y = kernels.layer_norm(x, w, b)
+    assert y.shape == (0, 16)
+    dw, db = torch.autograd.grad(y.sum(), (w, b))
+    assert dw.shape == (16,) and not dw.any() and not db.any()
+
+
+# ----------------------------------------------------------------------------------- TORCH_CHECKs
+
+
+def _bad_calls():
+    x, w, b = torch.randn(4, 8), torch.randn(8), torch.randn(8)
+    _, mean, rstd = ops.layer_norm_fwd(x, w, b, 1e-5)
+    return [
+        ("weight", lambda: ops.layer_norm_fwd(x, torch.randn(9), b, 1e-5)),
+        ("bias", lambda: ops.layer_norm_fwd(x, w, b.double(), 1e-5)),
+        ("x", lambda: ops.layer_norm_fwd(torch.randn(2, 3, 8), w, b, 1e-5)),
+        ("x", lambda: ops.layer_norm_fwd(torch.ones(4, 8, dtype=torch.int32), w, b, 1e-5)),
+        ("eps", lambda: ops.layer_norm_fwd(x, w, b, -1.0)),
+        ("dy", lambda: ops.layer_norm_bwd(torch.randn(4, 7), x, w, mean, rstd)),
+        ("mean", lambda: ops.layer_norm_bwd(x, x, w, mean.double(), rstd)),
+        ("rstd", lambda: ops.layer_norm_bwd(x, x, w, mean, rstd[:3])),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_bad_inputs_raise_naming_the_tensor(case):
+    name, call = _bad_calls()[case]
+    with pytest.raises(RuntimeError, match=rf"\b{name}\b") as info:
+        call()
+    if name != "eps":
+        assert "shape" in str(info.value) and "dtype" in str(info.value), str(info.value)
+
+
+# --------------------------------------------------------------------------------------- compile
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_torch_compile_fullgraph_cpu():
+    """register_fake + register_autograd let torch.compile trace the public API, forward and backward, in one graph.
+
+    The default (inductor) backend: ~10 s on 2 cores with a cold cache, most of it compiling the
+    surrounding ``x * 2`` and ``sum`` to C++ (needs gcc); our op stays an opaque extern call.
+    """
+    torch._dynamo.reset()
+
+    def f(x, w, b):
+        return kernels.layer_norm(x * 2.0, w, b, 1e-5).sum(-1)
+
+    compiled = torch.compile(f, fullgraph=True)
+    x, w, b, _ = _inputs((3, 5, 64), torch.float32)
+    start = time.perf_counter()
+    with kernels.backend("cuda"):
+        out = compiled(x, w, b)
+    out.sum().backward()
+    assert time.perf_counter() - start < 60
+    grads = (x.grad, w.grad, b.grad)
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    ref = reference.layer_norm(x2 * 2.0, w2, b2).sum(-1)
+    ref.sum().backward()
+    _close(out, ref, torch.float32, "compiled forward")
+    for g, g_ref in zip(grads, (x2.grad, w2.grad, b2.grad)):
+        _close(g, g_ref, torch.float32, "compiled grads")
+
+
+# ---------------------------------------------------------------------------------- GPU (CUDA kernels)
+
+
+def _max_err(a, ref):
+    return (a.float() - ref.float()).abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C", [1, 768, 1000, 4096, 1023])
+def test_gpu_fp32_matches_reference_vector_and_scalar_paths(C):
+    _check_against_reference((37, C), torch.float32, device="cuda")
+    # an unaligned view (offset by one element) must take the scalar path and still be right
+    x = torch.randn(9, C + 1, device="cuda")[:, 1:]
+    w, b = torch.randn(C, device="cuda"), torch.randn(C, device="cuda")
+    y, _, _ = ops.layer_norm_fwd(x, w, b, 1e-5)
+    _close(y, reference.layer_norm(x, w, b), torch.float32, "unaligned y")
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck():
+    x, w, b, _ = _inputs((7, 256), torch.float32, device="cuda")
+    torch.library.opcheck(ops.layer_norm_fwd.default, (x, w, b, 1e-5))
+    x, w, b, dy = (t.detach() for t in _inputs((7, 256), torch.bfloat16, device="cuda"))
+    _, mean, rstd = ops.layer_norm_fwd(x, w, b, 1e-5)
+    torch.library.opcheck(ops.layer_norm_bwd.default, (dy, x, w, mean, rstd))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("C", [768, 1000, 4096, 8192])
+def test_gpu_low_precision_within_twice_torch_error(dtype, C):
+    """Our error against the fp32 reference is at most 2x PyTorch's own same-dtype error + a small atol."""
+    import torch.nn.functional as F
+
+    shape = (8, 509, C)  # 4072 rows: not a multiple of the rows per block
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (1.5 + 2.0 * torch.randn(shape, device="cuda", generator=g)).to(dtype)
+    w = (1.0 + 0.5 * torch.randn(C, device="cuda", generator=g)).to(dtype)
+    b = (0.5 * torch.randn(C, device="cuda", generator=g)).to(dtype)
+    dy = torch.randn(shape, device="cuda", generator=g).to(dtype)
+
+    def run(fn, leaves, grad):
+        out = fn(*leaves)
+        return [out, *torch.autograd.grad(out, leaves, grad)]
+
+    def ours(a, c, d):
+        with kernels.backend("cuda"):
+            return kernels.layer_norm(a, c, d, 1e-5)
+
+    mine = run(ours, [t.clone().requires_grad_() for t in (x, w, b)], dy)
+    ref = run(lambda a, c, d: reference.layer_norm(a, c, d, 1e-5), [t.float().requires_grad_() for t in (x, w, b)], dy.float())
+    pt = run(lambda a, c, d: F.layer_norm(a, (C,), c, d, 1e-5), [t.clone().requires_grad_() for t in (x, w, b)], dy)
+    for name, o, rf, p in zip(["y", "dx", "dweight", "dbias"], mine, ref, pt):
+        assert o.dtype == dtype, name
+        scale = rf.float().abs().max().item()
+        atol = (2e-3 if dtype == torch.float16 else 1e-2) * max(scale, 1.0)
+        err, err_pt = _max_err(o, rf), _max_err(p, rf)
+        assert err <= 2 * err_pt + atol, f"{name}: our max error {err:.3g} vs PyTorch's {err_pt:.3g} (atol {atol:.3g})"
