@@ -14,7 +14,9 @@ skipped and why:
 A failed or skipped build never breaks ``import kernels``: the "cuda" backend reports itself
 unavailable with the reason.
 """
+import glob
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,8 +31,39 @@ def say(message: str) -> None:
     print(f"llm-from-scratch: {message}", file=sys.stderr, flush=True)
 
 
+def find_cuda_home() -> tuple[str | None, str]:
+    """The CUDA toolkit root to build against, or None, with what was tried.
+
+    torch guesses the root as the parent of the folder holding ``nvcc`` on PATH, which is wrong when
+    that nvcc is a wrapper or link elsewhere (e.g. /usr/local/bin/nvcc -> /usr/local/cuda-13.0), and
+    the link then fails on a missing libcudart.  So: $CUDA_HOME or $CUDA_PATH if set, else nvcc's
+    toolkit, else /usr/local/cuda -- and a candidate counts only if it has the runtime header and
+    library, so an unusable toolkit means a CPU-only build with a reason instead of a failed install.
+    """
+    def usable(root: str) -> bool:
+        has_lib = any(glob.glob(os.path.join(root, d, "libcudart.so*")) for d in ("lib64", "lib"))
+        return os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")) and has_lib
+
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            root = os.environ[var]
+            return (root, "") if usable(root) else (None, f"{var}={root} has no include/cuda_runtime.h and lib64/libcudart.so")
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for root in candidates:
+        if usable(root):
+            return root, ""
+    return None, f"no CUDA toolkit with cuda_runtime.h and libcudart.so (looked in {', '.join(candidates)}; set CUDA_HOME)"
+
+
 def extension_modules():
     """Return (ext_modules, cmdclass) for what this machine can build, announcing what it skips."""
+    cuda_home, why_no_toolkit = find_cuda_home()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension when it is imported
     try:
         import torch
         from torch.utils import cpp_extension
@@ -49,8 +82,8 @@ def extension_modules():
         why_no_cuda = "LLM_SKIP_CUDA_BUILD=1"
     elif torch.version.cuda is None:
         why_no_cuda = f"torch {torch.__version__} is a CPU-only build"
-    elif cpp_extension.CUDA_HOME is None:
-        why_no_cuda = "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    elif cuda_home is None:
+        why_no_cuda = why_no_toolkit
     elif not cu:
         why_no_cuda = "csrc/ has no .cu sources"
 

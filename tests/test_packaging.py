@@ -35,3 +35,18 @@ def test_setup_py_says_in_one_line_which_extensions_it_skips():
         assert "building kernels._C for CPU only; skipping its CUDA kernels: LLM_SKIP_CUDA_BUILD=1" in lines[0]
     else:
         assert "skipping extension kernels._C" in lines[0] and "no C++/CUDA sources" in lines[0]
+
+
+def test_unusable_cuda_toolkit_means_a_cpu_only_build_with_the_reason():
+    # A toolkit without cuda_runtime.h/libcudart must not fail the install: CPU-only, saying why.
+    if not any((ROOT / "csrc").rglob("*.cu")):
+        return
+    env = {**os.environ, "CUDA_HOME": "/nonexistent-cuda"}
+    env.pop("LLM_SKIP_CUDA_BUILD", None)
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith("llm-from-scratch:")]
+    assert lines == [
+        "llm-from-scratch: building kernels._C for CPU only; skipping its CUDA kernels: "
+        "CUDA_HOME=/nonexistent-cuda has no include/cuda_runtime.h and lib64/libcudart.so"
+    ]
