@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
-from bench.common import bench, environment, markdown_table, write_results, save_figure  # noqa: E402
+from bench.common import DTYPES, bench, on_backend, environment, markdown_table, write_results, save_figure  # noqa: E402
 from kernels.backends import unavailable_reason  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -43,19 +43,11 @@ def sdpa_provider(backend_name: str):
     return run
 
 
-def ours_provider(name: str):
-    def run(q, k, v):
-        with kernels.backend(name):
-            return kernels.causal_attention(q, k, v)
-
-    return run
-
-
 def providers(device: torch.device) -> dict:
     found = {}
     for name in ("triton", "cuda"):
         reason = unavailable_reason(name, "causal_attention", device)
-        found[name] = ours_provider(name) if reason is None else reason
+        found[name] = on_backend("causal_attention", name) if reason is None else reason
     found["reference"] = kernels.reference.causal_attention
     sdpa = ("flash_attention", "efficient_attention", "cudnn_attention", "math") if device.type == "cuda" else ("math",)
     for b in sdpa:
@@ -114,7 +106,7 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
+    dtype = DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
     dims = args.dims or ([16, 32] if quick else [64, 128])
     seqlens = args.seqlens or ([64, 128] if quick else [512, 1024, 2048, 4096, 8192, 16384])
     tokens = args.tokens or (256 if quick else 16384)

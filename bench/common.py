@@ -21,6 +21,22 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def on_backend(op: str, backend_name: str) -> Callable:
+    """``kernels.<op>`` run under ``kernels.backend(backend_name)``: how every script times our kernels."""
+    import kernels
+
+    fn = getattr(kernels, op)
+
+    def run(*args):
+        with kernels.backend(backend_name):
+            return fn(*args)
+
+    return run
+
+
 def environment() -> dict[str, str]:
     """Where and with what a benchmark ran: recorded beside every result."""
     try:

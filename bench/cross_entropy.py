@@ -40,29 +40,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
-from bench.common import bench, environment, markdown_table, write_results, save_figure  # noqa: E402
+from bench.common import DTYPES, bench, on_backend, environment, markdown_table, write_results, save_figure  # noqa: E402
 from kernels.backends import unavailable_reason  # noqa: E402
 
 OPS = ("ce", "linear-ce")
 MODES = ("fwd", "fwd+bwd")
 CE_BYTES = {"fwd": 1, "fwd+bwd": 3}  # multiples of N*V*b
 LCE_FLOPS = {"fwd": 2, "fwd+bwd": 6}  # multiples of N*H*V
-
-
-def ours_ce(name: str):
-    def run(logits, targets):
-        with kernels.backend(name):
-            return kernels.cross_entropy(logits, targets)
-
-    return run
-
-
-def ours_lce(name: str):
-    def run(hidden, weight, targets):
-        with kernels.backend(name):
-            return kernels.linear_cross_entropy(hidden, weight, targets)
-
-    return run
 
 
 def f_cross_entropy(logits, targets):
@@ -96,7 +80,7 @@ def providers(op: str, device: torch.device, dtype: torch.dtype, only: list[str]
     found: dict = {}
     for name in ("triton", "cuda"):
         reason = unavailable_reason(name, api, device)
-        found[name] = (ours_ce(name) if op == "ce" else ours_lce(name)) if reason is None else reason
+        found[name] = on_backend("cross_entropy" if op == "ce" else "linear_cross_entropy", name) if reason is None else reason
     if op == "ce":
         found["reference"] = kernels.reference.cross_entropy
         found["F.cross_entropy"] = f_cross_entropy
@@ -192,7 +176,7 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("fp32" if quick else "bf16")]
+    dtype = DTYPES[args.dtype or ("fp32" if quick else "bf16")]
     tokens = args.tokens or ([8] if quick else [8192, 16384, 32768, 65536])
     V = args.vocab or (512 if quick else 50257)
     widths = args.hidden or ([64] if quick else [768, 1600])

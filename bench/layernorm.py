@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
-from bench.common import bench, environment, markdown_table, write_results, save_figure  # noqa: E402
+from bench.common import DTYPES, bench, on_backend, environment, markdown_table, write_results, save_figure  # noqa: E402
 from kernels.backends import unavailable_reason  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -44,22 +44,6 @@ BYTES_FACTOR = {  # multiples of M*C*b, see the module docstring
     "add-ln": {"fwd": 4, "bwd": 4, "fwd+bwd": 8},
 }
 EPS = 1e-5
-
-
-def ours_provider(name: str):
-    def run(x, w, b):
-        with kernels.backend(name):
-            return kernels.layer_norm(x, w, b, EPS)
-
-    return run
-
-
-def add_ln_provider(name: str):
-    def run(x, r, w, b):
-        with kernels.backend(name):
-            return kernels.add_layer_norm(x, r, w, b, EPS)
-
-    return run
 
 
 def f_layer_norm(x, w, b):
@@ -93,9 +77,9 @@ def providers(device: torch.device, dtype: torch.dtype, only: list[str] | None =
     found: dict = {}
     for name in ("triton", "cuda"):
         reason = unavailable_reason(name, "layer_norm", device)
-        found[name] = ("ln", ours_provider(name)) if reason is None else reason
+        found[name] = ("ln", on_backend("layer_norm", name)) if reason is None else reason  # eps: the default, EPS
     reason = unavailable_reason("triton", "add_layer_norm", device)
-    found["add-ln-triton"] = ("add-ln", add_ln_provider("triton")) if reason is None else reason
+    found["add-ln-triton"] = ("add-ln", on_backend("add_layer_norm", "triton")) if reason is None else reason
     found["reference"] = ("ln", reference_layer_norm)
     found["F.layer_norm"] = ("ln", f_layer_norm)
     if only is None or "compile" in only:
@@ -183,7 +167,7 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("fp32" if quick else "bf16")]
+    dtype = DTYPES[args.dtype or ("fp32" if quick else "bf16")]
     widths = args.widths or ([100, 768] if quick else [768, 1024, 2048, 4096, 8192])
     rows_fixed = args.rows or (64 if quick and not args.elements else None)
     sizes = [None] if rows_fixed else (args.elements or [2**22, 2**26])

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import kernels
 from bench import attention as attention_bench
+from bench.common import on_backend
 from bench import cross_entropy as ce_bench
 from bench import layernorm as ln_bench
 from kernels.backends import unavailable_reason
@@ -41,13 +42,7 @@ def _ours(op: str, name: str):
     reason = unavailable_reason(name, op, DEVICE)
     if reason:
         pytest.skip(f"{name}: {reason}")
-    fn = getattr(kernels, op)
-
-    def run(*args):
-        with kernels.backend(name):
-            return fn(*args)
-
-    return run
+    return on_backend(op, name)
 
 
 def _run(benchmark, fn, inputs, mode):
