@@ -98,6 +98,20 @@ def test_registry_sha256_matches_shared_files(name):
     assert sorted(os.listdir(data_dir())) == before  # a present file means nothing is written
 
 
+@pytest.mark.skipif(not SHARED_DATA, reason="LLM_DATA_DIR not set")
+@pytest.mark.parametrize("name", ["instruction-data", "instruction-data-with-preference", "gsm8k", "humaneval"])
+def test_dataset_registry_sha256_matches_shared_files(name):
+    from llm.data import DATASETS, fetch_dataset
+
+    path = fetch_dataset(name)
+    assert path == data_dir() / DATASETS[name].filename
+    assert sha256_file(path) == DATASETS[name].sha256
+    with pytest.raises(ValueError, match="known datasets: gsm8k"):
+        fetch_dataset("no-such-set")
+    with pytest.raises(ValueError, match="unknown corpus 'gsm8k'"):
+        fetch_corpus("gsm8k")  # benchmarks are not pretraining corpora
+
+
 def test_data_dir_defaults(monkeypatch, tmp_path):
     monkeypatch.delenv("LLM_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -17,10 +17,12 @@ Typical use::
 
 from .corpora import (
     CORPORA,
+    DATASETS,
     Corpus,
     cache_dir,
     data_dir,
     fetch_corpus,
+    fetch_dataset,
     get_corpus,
     sha256_file,
 )
@@ -37,6 +39,7 @@ from .tokenfiles import Prepared, prepare, source_identity, split_for_tokenizer
 __all__ = [
     "CORPORA",
     "Corpus",
+    "DATASETS",
     "Document",
     "Prepared",
     "SlidingWindowDataset",
@@ -46,6 +49,7 @@ __all__ = [
     "create_dataloader",
     "data_dir",
     "fetch_corpus",
+    "fetch_dataset",
     "get_corpus",
     "prepare",
     "resolve_source",

@@ -48,6 +48,43 @@ CORPORA: dict[str, Corpus] = {
     ]
 }
 
+# Files that are not pretraining text: instruction/preference data for SFT and DPO, and the
+# downstream benchmarks.  Same pinning and download path as the corpora (fetch_dataset), but not
+# valid as a pretraining ``--data`` source.
+DATASETS: dict[str, Corpus] = {
+    c.name: c
+    for c in [
+        # 1,100 Alpaca-style records {instruction, input, output} (the book's chapter 7).
+        Corpus(
+            name="instruction-data",
+            url="https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json",
+            sha256="7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
+            filename="instruction-data.json",
+        ),
+        # The same records plus a preferred ("chosen") and a dispreferred ("rejected") response.
+        Corpus(
+            name="instruction-data-with-preference",
+            url="https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json",
+            sha256="305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
+            filename="instruction-data-with-preference.json",
+        ),
+        # GSM8K test split: 1,319 {question, answer}; each answer ends with "#### <number>".
+        Corpus(
+            name="gsm8k",
+            url="https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/test.jsonl",
+            sha256="3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
+            filename="gsm8k_test.jsonl",
+        ),
+        # HumanEval: 164 {task_id, prompt, entry_point, canonical_solution, test}, gzipped JSONL.
+        Corpus(
+            name="humaneval",
+            url="https://raw.githubusercontent.com/openai/human-eval/master/data/HumanEval.jsonl.gz",
+            sha256="b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef",
+            filename="HumanEval.jsonl.gz",
+        ),
+    ]
+}
+
 
 def _user_cache_root() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
@@ -87,6 +124,13 @@ def get_corpus(name: str) -> Corpus:
         raise ValueError(f"unknown corpus {name!r}; known corpora: {known}") from None
 
 
+def fetch_dataset(name: str, *, timeout: float | None = None) -> Path:
+    """Path of the verified local copy of dataset ``name`` (:data:`DATASETS`); see :func:`fetch_corpus`."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
+    return _fetch(DATASETS[name], timeout)
+
+
 def fetch_corpus(name: str, *, timeout: float | None = None) -> Path:
     """Path of the verified local copy of corpus ``name``, downloading it first if missing.
 
@@ -95,7 +139,10 @@ def fetch_corpus(name: str, *, timeout: float | None = None) -> Path:
     the user to resolve.  A missing file is downloaded to a temporary file next to it, checked,
     then renamed into place, so an interrupted download never leaves a bad file behind.
     """
-    corpus = get_corpus(name)
+    return _fetch(get_corpus(name), timeout)
+
+
+def _fetch(corpus: Corpus, timeout: float | None) -> Path:
     path = data_dir() / corpus.filename
     if path.is_file():
         actual = sha256_file(path)
