@@ -3,6 +3,8 @@
 Backends, by name:
 
 * ``"torch"``  -- the pure-PyTorch reference (``kernels/reference.py``); runs on any device.
+* ``"pytorch"`` -- PyTorch's own fused ops (SDPA, ``F.layer_norm``, ``F.cross_entropy``): the
+  baseline to beat, as nanoGPT uses them (``kernels/_pytorch_backend.py``); runs on any device.
 * ``"triton"`` -- hand-written Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
 * ``"cuda"``   -- the C++/CUDA extension ``kernels._C`` built by ``pip install -e .``.
 * ``"auto"``   -- the fastest backend that can run on the tensors' device (the default).
@@ -25,7 +27,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch", "pytorch", "triton", "cuda")
 OPS = ("causal_attention", "layer_norm", "add_layer_norm", "cross_entropy", "linear_cross_entropy")
 
 # What "auto" tries, fastest first, per device type.  A backend joins a list only on evidence: its
@@ -104,6 +106,9 @@ def _load_backend(name: str) -> str | None:
     """
     if name == "torch":
         from . import _torch_backend  # noqa: F401  (registers the reference)
+        return None
+    if name == "pytorch":
+        from . import _pytorch_backend  # noqa: F401  (registers PyTorch's own ops)
         return None
     if name == "triton":
         try:

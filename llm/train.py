@@ -36,7 +36,7 @@ __all__ = ["TrainConfig", "train", "resume_config", "NonFiniteLossError", "Check
 CKPT_NAME, METRICS_NAME, PLOT_NAME = "ckpt.pt", "metrics.jsonl", "loss.png"
 # The allowed values of the string fields that are not free-form (the CLI offers them as choices).
 CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "loader": ("auto", "random", "sliding"),
-           "kernels": ("auto", "torch", "triton", "cuda")}
+           "kernels": ("auto", "torch", "pytorch", "triton", "cuda")}
 
 
 def _opt(default, help: str):
@@ -86,7 +86,7 @@ class TrainConfig:
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 elsewhere), float32 or bfloat16")
     compile: bool = _opt(False, "torch.compile the model")
-    kernels: str = _opt("auto", "kernels backend: auto, torch, triton or cuda")
+    kernels: str = _opt("auto", "kernels backend: auto, torch (reference), pytorch (PyTorch's own ops), triton or cuda")
     loader: str = _opt("auto", "window sampling: random, sliding, or auto (sliding when the run covers the data)")
 
     def validate(self) -> None:

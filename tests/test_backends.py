@@ -29,7 +29,7 @@ def test_env_variable_chooses_and_is_validated(monkeypatch):
     monkeypatch.setenv("LLM_KERNELS", "torch")
     assert kernels.get_backend() == "torch"
     monkeypatch.setenv("LLM_KERNELS", "fastest")
-    with pytest.raises(ValueError, match="LLM_KERNELS.*choose one of auto, torch, triton, cuda"):
+    with pytest.raises(ValueError, match="LLM_KERNELS.*choose one of auto, torch, pytorch, triton, cuda"):
         kernels.get_backend()
 
 
@@ -50,9 +50,9 @@ def test_explicit_backend_that_cannot_run_raises_naming_why(name, monkeypatch):
 def test_available_backends_reports_reasons(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     report = kernels.available_backends("cpu")
-    assert report["torch"] is None
-    assert set(report) == {"torch", "triton", "cuda"}
-    assert all(isinstance(r, str) and r for n, r in report.items() if n != "torch")
+    assert report["torch"] is None and report["pytorch"] is None
+    assert set(report) == {"torch", "pytorch", "triton", "cuda"}
+    assert all(isinstance(r, str) and r for n, r in report.items() if n not in ("torch", "pytorch"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert kernels.available_backends("cpu")["triton"] is None  # the interpreter runs every op on the CPU
 

@@ -1,0 +1,66 @@
+"""The "pytorch" backend: PyTorch's own fused ops, the baseline our kernels have to beat.
+
+This is how nanoGPT builds a GPT: ``F.scaled_dot_product_attention`` (flash / memory-efficient /
+cuDNN kernels on a GPU), ``F.layer_norm`` and ``F.cross_entropy`` on materialized logits.  It is not
+the oracle -- that is the plain "torch" reference in ``reference.py``, which spells every step out in
+fp32 -- but the best a PyTorch user gets without writing a kernel; ``bench/train.py`` trains with it
+(plus ``torch.compile`` and fused AdamW) as the "PyTorch-native" baseline.
+
+Semantics match the reference, with two details PyTorch's ops do differently handled here:
+
+* SDPA's ``is_causal`` aligns the mask top-left; with ``Tq < Tk`` (KV-cache decoding) the
+  reference's bottom-right mask is passed explicitly instead.
+* ``F.cross_entropy`` with every target ignored returns 0/0 = nan; the reference returns 0, so the
+  mean is taken here as ``sum / max(count, 1)``.
+
+Outputs are in the inputs' dtype (the loss in fp32), computed the way PyTorch computes them, so in
+bf16 these carry PyTorch's own low-precision error -- exactly the yardstick the tests hold us to.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .backends import register
+
+
+@register("pytorch", "causal_attention")
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    # bottom-right: query i sees keys j <= i + (Tk - Tq)
+    keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)  # (Tq, Tk)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+
+
+@register("pytorch", "layer_norm")
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight.to(x.dtype), bias.to(x.dtype), eps)
+
+
+@register("pytorch", "add_layer_norm")
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    total = x + residual  # (..., C)
+    return layer_norm(total, weight, bias, eps), total
+
+
+@register("pytorch", "cross_entropy")
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    logits = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    targets = targets.reshape(-1)  # (N,)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # as autocast does for F.cross_entropy
+    total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    count = (targets != ignore_index).sum().clamp(min=1)
+    return total / count
+
+
+@register("pytorch", "linear_cross_entropy")
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    logits = F.linear(hidden, weight)  # (..., V), materialized: this is what the fused kernels avoid
+    return cross_entropy(logits, targets, ignore_index)
