@@ -88,3 +88,48 @@ def test_cross_entropy_benchmark_quick(tmp_path):
     assert csv_path.with_suffix(".md").read_text().startswith("# cross_entropy")
     if not torch.cuda.is_available():
         assert "skip cuda:" in result.stdout
+
+
+def test_train_benchmark_quick(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "bench/train.py", "--quick", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (csv_path,) = tmp_path.glob("train_*.csv")
+    rows = {r["provider"]: r for r in csv.DictReader(csv_path.open())}
+    assert set(rows) == {"reference", "pytorch"}
+    for r in rows.values():
+        assert float(r["tok_s"]) > 0 and float(r["ms_step"]) > 0
+    # same seed, same batch, same steps, fp32: the two backends compute the same training run
+    assert abs(float(rows["reference"]["loss"]) - float(rows["pytorch"]["loss"])) < 1e-3
+    assert (tmp_path / csv_path.with_suffix(".png").name).stat().st_size > 0
+    assert "| tiny | reference |" in result.stdout
+
+
+def test_train_benchmark_flops_per_token_and_peaks():
+    sys.path.insert(0, str(ROOT))
+    from bench.train import flops_per_token, peak_tflops
+    from llm.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig.from_preset("gpt2"))
+    # 6 * (124,439,808 parameters - 786,432 in the position table) + 6 * 12 layers * 1024 * 768
+    assert flops_per_token(model, 1024) == 6 * 123_653_376 + 6 * 12 * 1024 * 768
+    assert peak_tflops(torch.device("cpu")) is None
+
+
+def test_convergence_benchmark_quick(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "bench/convergence.py", "--quick", "--steps", "4", "--no-progress", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (curves_path,) = tmp_path.glob("convergence_*_curves.csv")
+    steps = list(csv.DictReader(curves_path.open()))
+    assert [int(r["step"]) for r in steps] == [1, 2, 3, 4]
+    for r in steps:  # fp32 on the CPU: the PyTorch-native ops train the same model as the reference
+        assert abs(float(r["pytorch"]) - float(r["torch"])) < 1e-4
+    (summary_path,) = (p for p in tmp_path.glob("convergence_*.csv") if p != curves_path)
+    summary = {r["backend"]: r for r in csv.DictReader(summary_path.open())}
+    assert float(summary["pytorch"]["max_gap_2nd_half"]) < 1e-4
+    assert next(tmp_path.glob("convergence_*.png")).stat().st_size > 0

@@ -1,0 +1,216 @@
+"""End-to-end training throughput of the GPT: every backend side by side, in one run.
+
+    python bench/train.py                  # GPU: gpt2 and gpt2-medium, T = 1024, bf16 autocast, fused AdamW
+    python bench/train.py --quick          # CPU-sized smoke run (tiny preset, fp32; what CI runs)
+
+Each provider trains the same model (same seed, same fixed batch) for ``--warmup`` untimed steps
+(compilation, autotuning, allocator warm-up) and then ``--steps`` timed ones; a step is forward,
+backward, gradient clipping and an AdamW update, exactly the loop ``llm pretrain`` runs.
+
+Providers:
+
+* ``reference``        -- our GPT on the pure-PyTorch reference ops (``kernels`` backend "torch"), eager;
+* ``pytorch+compile``  -- the "PyTorch-native" baseline built the way nanoGPT builds it:
+  ``F.scaled_dot_product_attention``, ``F.layer_norm``, ``F.cross_entropy`` on materialized logits
+  (the "pytorch" backend), fused AdamW and ``torch.compile`` of the whole model;
+* ``pytorch``          -- the same without ``torch.compile``;
+* ``triton``, ``cuda`` -- our kernels, eager; ``triton+compile``, ``cuda+compile`` with
+  ``torch.compile`` on top (our ops are opaque to the compiler, which fuses what lies between them).
+
+A provider that cannot run (backend not built, no GPU for torch.compile's Triton codegen, out of
+memory) is reported as skipped with the reason, never silently dropped.
+
+Metrics: tokens/s, ms/step, peak memory (``torch.cuda.max_memory_allocated``), the final loss (the
+providers start from the same weights and batch, so their losses after the same steps should agree
+to bf16 noise: a cheap cross-check), and MFU = achieved FLOP/s / the GPU's peak dense bf16 FLOP/s,
+with FLOPs per token = 6·N + 6·L·T·d: 6·N for the forward and backward matmuls of the N
+non-embedding parameters (the tied LM head included, the position table not), plus the attention
+score and value matmuls, 12·L·T·d halved by the causal mask (as in the PaLM paper's appendix B).
+The peaks come from :data:`PEAK_BF16_TFLOPS` (vendor datasheets, dense, no sparsity).
+Writes a CSV, a Markdown table and a PNG bar chart under bench/results/ (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import kernels  # noqa: E402
+from bench.common import environment, markdown_table, save_figure, write_results  # noqa: E402
+from llm.model import GPT, GPTConfig  # noqa: E402
+from llm.optim import configure_optimizer  # noqa: E402
+
+PROVIDERS = ("reference", "pytorch", "pytorch+compile", "triton", "triton+compile", "cuda", "cuda+compile")
+DEFAULT_PROVIDERS = ("reference", "pytorch+compile", "triton", "triton+compile", "cuda", "cuda+compile")
+
+# Dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name().  Checked in
+# order, so the more specific names come first.
+PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM5
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("RTX 4090", 165.0),
+]
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def flops_per_token(model: GPT, T: int) -> float:
+    cfg = model.config
+    return 6 * model.num_parameters(non_embedding=True) + 6 * cfg.n_layer * T * cfg.n_embd
+
+
+def skip_reason(provider: str, device: torch.device) -> str | None:
+    backend = {"reference": "torch"}.get(provider, provider.split("+")[0])
+    report = kernels.available_backends(device)
+    if report.get(backend):
+        return report[backend]
+    if provider.endswith("+compile") and device.type != "cuda":
+        return "torch.compile is measured on a GPU only (on the CPU it compiles for minutes and measures little)"
+    return None
+
+
+def run_provider(provider: str, preset: str, args, device: torch.device) -> dict:
+    """Train ``args.warmup + args.steps`` steps; time the last ``args.steps``."""
+    backend = {"reference": "torch"}.get(provider, provider.split("+")[0])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset(preset, block_size=args.block_size)).to(device)
+    fpt = flops_per_token(model, args.block_size)
+    optimizer = configure_optimizer(model, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), device_type=device.type)
+    step_model = torch.compile(model) if provider.endswith("+compile") else model
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.config.vocab_size, (args.batch_size, args.block_size + 1), generator=g)
+    x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)  # (B, T) each
+    use_bf16 = args.dtype == "bf16"
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            _, loss = step_model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    with kernels.backend(backend):
+        for _ in range(args.warmup):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            loss = step()
+        final_loss = loss.item()  # synchronizes
+        seconds = time.perf_counter() - start
+    ms = seconds / args.steps * 1e3
+    tok_s = args.batch_size * args.block_size * args.steps / seconds
+    peak = peak_tflops(device)
+    return {
+        "ms_step": ms,
+        "tok_s": tok_s,
+        "mfu_pct": 100 * tok_s * fpt / (peak * 1e12) if peak else "-",
+        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else "-",
+        "loss": final_loss,
+        "params_m": model.num_parameters() / 1e6,
+    }
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presets = sorted({r["preset"] for r in rows}, key=[r["preset"] for r in rows].index)
+    fig, axes = plt.subplots(1, len(presets), figsize=(5.5 * len(presets), 3.8), squeeze=False)
+    for ax, preset in zip(axes[0], presets):
+        got = [r for r in rows if r["preset"] == preset and r["tok_s"] != "-"]
+        ax.barh([r["provider"] for r in got], [r["tok_s"] / 1e3 for r in got], color="tab:blue")
+        for i, r in enumerate(got):
+            note = f" {r['mfu_pct']:.0f}% MFU" if r["mfu_pct"] != "-" else ""
+            ax.text(r["tok_s"] / 1e3, i, f" {r['tok_s'] / 1e3:.1f}k{note}", va="center", fontsize=8)
+        ax.set_xlabel("thousand tokens / s (higher is better)")
+        ax.set_title(preset)
+        ax.invert_yaxis()
+        ax.margins(x=0.3)
+    save_figure(fig, path, title)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CPU-sized smoke run: tiny preset, T=32, fp32, 2 steps")
+    p.add_argument("--presets", nargs="+", default=None, help="model presets (default gpt2 gpt2-medium; quick: tiny)")
+    p.add_argument("--providers", nargs="+", default=None, choices=PROVIDERS, help=f"default: {' '.join(DEFAULT_PROVIDERS)}")
+    p.add_argument("--block-size", type=int, default=None, help="T (default 1024; quick: 32)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 16; quick: 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; quick: 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; quick: 1)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quick = args.quick
+    args.presets = args.presets or (["tiny"] if quick else ["gpt2", "gpt2-medium"])
+    args.providers = args.providers or (["reference", "pytorch"] if quick else list(DEFAULT_PROVIDERS))
+    args.block_size = args.block_size or (32 if quick else 1024)
+    args.batch_size = args.batch_size or (2 if quick else 16)
+    args.steps = args.steps or (2 if quick else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 5)
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    env = environment()
+    peak = peak_tflops(device)
+    env.update(dtype=args.dtype, batch=f"{args.batch_size} x {args.block_size} tokens",
+               steps=f"{args.warmup} warm-up + {args.steps} timed",
+               peak=f"{peak} TFLOP/s dense bf16" if peak else "unknown (MFU not reported)")
+    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
+    rows = []
+    for preset in args.presets:
+        for provider in args.providers:
+            row = {"preset": preset, "provider": provider}
+            reason = skip_reason(provider, device)
+            if reason:
+                print(f"skip {provider} ({preset}): {reason}")
+                row.update(ms_step="-", tok_s="-", mfu_pct="-", peak_mem_gb="-", loss="-", note=reason[:100])
+            else:
+                try:
+                    row.update(run_provider(provider, preset, args, device))
+                except (RuntimeError, torch.OutOfMemoryError, kernels.BackendUnavailableError) as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    print(f"failed {provider} ({preset}): {first}")
+                    row.update(ms_step="-", tok_s="-", mfu_pct="-", peak_mem_gb="-", loss="-", note=first[:100])
+            rows.append(row)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            torch._dynamo.reset()  # each compiled provider starts from a clean cache
+    columns = ["preset", "provider", "ms_step", "tok_s", "mfu_pct", "peak_mem_gb", "loss", "params_m", "note"]
+    print(markdown_table(rows, columns))
+    stem = write_results("train", rows, columns, env, args.out)
+    if any(r["tok_s"] != "-" for r in rows):
+        plot(rows, stem.with_suffix(".png"), f"GPT training throughput, {env['device']}, {env['commit']}")
+    print(f"wrote {stem}.csv, .md" + (", .png" if stem.with_suffix(".png").exists() else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
