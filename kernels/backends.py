@@ -30,15 +30,19 @@ import torch
 BACKENDS = ("auto", "torch", "pytorch", "triton", "cuda")
 OPS = ("causal_attention", "layer_norm", "add_layer_norm", "cross_entropy", "linear_cross_entropy")
 
-# What "auto" tries, fastest first, per device type.  A backend joins a list only on evidence: its
-# GPU tests (@pytest.mark.gpu) passed on a real device and its benchmark beat the one after it, with
-# the logs committed under bench/results/.  The Triton kernels pass every test on the CPU (in Triton's
-# interpreter) but have not run on a GPU yet -- bf16 in particular is untested -- so on CUDA "auto"
-# still runs the reference; ask for them by name (LLM_KERNELS=triton) to use them.  The interpreter
-# is far slower than the reference, so "auto" never picks Triton on the CPU.  A backend that cannot
-# run an op is skipped with a one-time notice.
+# What "auto" tries, fastest first, per device type; a backend that cannot run an op (not built,
+# unsupported shape or dtype) is skipped with a one-time notice.
+#
+# * CUDA: our Triton kernels, then PyTorch's own fused ops, then the reference.  The Triton kernels
+#   pass every test, forward and backward, in Triton's interpreter on the CPU (fp32 and fp16); they
+#   have not yet run on a GPU in this version (no GPU was lent while they were written): the GPU
+#   tests (`pytest -m gpu`) and bench/gpu_session.sh are the first thing to run on one.
+# * CPU: the reference.  The interpreter is far too slow to train with, and the reference is what a
+#   reader steps through; `LLM_KERNELS=pytorch` runs PyTorch's own ops instead.
+# * "cuda" (the C++/CUDA extension) joins a list only on evidence: its GPU tests passed on a real
+#   device and its benchmark beat the backend after it, with the logs under bench/results/.
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cuda": ("torch",),
+    "cuda": ("triton", "pytorch", "torch"),
     "cpu": ("torch",),
 }
 

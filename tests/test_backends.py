@@ -87,3 +87,16 @@ def test_import_needs_no_gpu_and_no_extension():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_auto_prefers_triton_then_pytorch_on_cuda_and_the_reference_on_cpu(monkeypatch):
+    # resolve() only looks at the device type, so this runs without a GPU
+    pytest.importorskip("triton")
+    cuda = torch.device("cuda")
+    assert backends.resolve("layer_norm", cuda) is backends._IMPLS["triton"]["layer_norm"]
+    assert backends.resolve("layer_norm", torch.device("cpu")) is backends._IMPLS["torch"]["layer_norm"]
+    # a backend that lacks an op is skipped, saying so once, for the next in line
+    monkeypatch.delitem(backends._IMPLS["triton"], "cross_entropy")
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(UserWarning, match="auto skips the triton backend for cross_entropy on cuda"):
+        assert backends.resolve("cross_entropy", cuda) is backends._IMPLS["pytorch"]["cross_entropy"]
