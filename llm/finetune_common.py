@@ -1,0 +1,358 @@
+"""What supervised fine-tuning (``llm/sft.py``) and DPO (``llm/dpo.py``) share.
+
+    FinetuneConfig                 the settings both have; each field is also a CLI flag
+    add_config_args / config_from_args
+    load_start_model(cfg)          a GPT from --checkpoint, --hf-model or --preset
+    maybe_apply_lora(model, cfg)   wrap with LoRA (rank > 0) and print the trainable share
+    train_loop(...)                epochs/steps, AdamW, clipping, periodic eval, progress bar
+    finish_and_save(...)           merge LoRA (or save the factors alone), write ckpt.pt atomically
+    load_lora_checkpoint(...)      put saved LoRA factors back on their base model
+    write_test_responses(...)      the model's greedy answers on the test split, as the book does
+
+Checkpoints use the pretraining format (``llm.checkpoint.FORMAT``, keys ``model`` and
+``model_config``), so ``llm generate --checkpoint`` and ``llm.checkpoint.load_model`` read them;
+``kind`` ("sft" / "dpo") and ``finetune_config`` say what made them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from tqdm.auto import tqdm
+
+from kernels import BACKENDS
+
+from . import train_setup
+from .checkpoint import FORMAT, atomic_save, atomic_write_text, load_checkpoint
+from .lora import apply_lora, describe_trainable, lora_state_dict, merge_lora
+from .model import GPT, PRESETS, GPTConfig
+
+CKPT_NAME, LORA_NAME, METRICS_NAME, PLOT_NAME, RESPONSES_NAME = (
+    "ckpt.pt", "lora.pt", "metrics.jsonl", "loss.png", "test_responses.json")
+LORA_FORMAT = "llm-lora-v1"
+CHOICES = {"preset": tuple(PRESETS), "dtype": ("auto", "float32", "bfloat16"),
+           "kernels": BACKENDS}
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class FinetuneConfig:
+    # -- where the model comes from: exactly one of the three
+    checkpoint: str | None = _opt(None, "start from this checkpoint (llm pretrain / sft output)")
+    hf_model: str | None = _opt(None, "start from this Hugging Face GPT-2 folder")
+    preset: str | None = _opt(None, "start from a randomly initialised preset (for tests)")
+    block_size: int | None = _opt(None, "context length for --preset / --hf-model (None: the model's)")
+    dropout: float | None = _opt(None, "dropout while fine-tuning (None: the model's own)")
+    # -- data
+    data: str = _opt("instruction-data", "dataset name or JSON file")
+    limit: int | None = _opt(None, "use only the first N records (quick runs)")
+    split_seed: int | None = _opt(None, "shuffle with this seed before the 85/10/5 split (None: file order)")
+    max_length: int | None = _opt(None, "truncate every sequence to this many tokens (None: the model's block_size)")
+    # -- optimisation
+    epochs: int = _opt(1, "passes over the training split")
+    max_steps: int | None = _opt(None, "train exactly this many steps instead of --epochs epochs")
+    batch_size: int = _opt(8, "records per batch")
+    lr: float = _opt(5e-5, "AdamW learning rate (constant)")
+    weight_decay: float = _opt(0.1, "AdamW weight decay (2-D weights only)")
+    grad_clip: float = _opt(1.0, "clip the gradient norm to this (0 disables)")
+    # -- LoRA
+    lora_rank: int = _opt(0, "LoRA rank (0: full fine-tuning)")
+    lora_alpha: float = _opt(16.0, "LoRA alpha (the update is scaled by alpha / rank)")
+    lora_targets: str = _opt("c_attn,c_proj,c_fc", "comma-separated Linear names to wrap (lm_head unties the head)")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA branch's input")
+    merge_lora: bool = _opt(True, "fold LoRA into the weights and write ckpt.pt (--no-merge-lora: only lora.pt)")
+    # -- evaluation and output
+    eval_interval: int = _opt(50, "steps between evaluations (0: only before and after)")
+    eval_iters: int = _opt(5, "batches per evaluation")
+    max_new_tokens: int = _opt(256, "tokens per test-split response")
+    num_test_responses: int | None = _opt(None, "answer only the first N test records (None: all, 0: none)")
+    out_dir: str = _opt("out/finetune", "folder for ckpt.pt, metrics.jsonl, loss.png, test_responses.json")
+    overwrite: bool = _opt(False, "replace the outputs of an earlier run in --out-dir")
+    progress: bool = _opt(True, "show progress bars")
+    # -- system
+    seed: int = _opt(123, "seed of the model init (presets), data order and dropout")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 elsewhere), float32 or bfloat16")
+    kernels: str = _opt("auto", "kernels backend: auto, torch, triton or cuda")
+
+    def validate(self) -> None:
+        given = [n for n in ("checkpoint", "hf_model", "preset") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one model to start from: --checkpoint PATH, --hf-model DIR or --preset NAME"
+                             + (f" (got {', '.join('--' + g.replace('_', '-') for g in given)})" if given else ""))
+        for name in ("epochs", "batch_size", "eval_iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "limit", "block_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (or unset), got {self.max_length}")
+        for name in ("eval_interval", "max_new_tokens", "lora_rank", "weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_test_responses is not None and self.num_test_responses < 0:
+            raise ValueError(f"num_test_responses must be >= 0, got {self.num_test_responses}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.checkpoint is not None and self.block_size is not None:
+            raise ValueError("--block-size applies to --preset and --hf-model; a checkpoint keeps its own")
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: one flag per config field, so the two cannot drift apart (as llm pretrain does)
+
+
+def add_config_args(p: argparse.ArgumentParser, cls: type) -> None:
+    helps = cls.help()
+    for f in fields(cls):
+        kind = str(f.type)
+        kw: dict = {"default": f.default, "dest": f.name, "help": helps[f.name].replace("%", "%%")}
+        if "bool" in kind:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = int if "int" in kind else float if "float" in kind else str
+            if f.name in CHOICES:
+                kw["choices"] = CHOICES[f.name]
+            else:
+                kw["metavar"] = f.name.upper()
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def config_from_args(cls: type, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+
+
+def load_start_model(cfg: FinetuneConfig) -> tuple[GPT, dict]:
+    """(model in train mode on the CPU, a description of where it came from)."""
+    overrides = {"dropout": cfg.dropout} if cfg.dropout is not None else {}
+    if cfg.checkpoint is not None:
+        ckpt = load_checkpoint(cfg.checkpoint)
+        model = GPT(GPTConfig.from_dict({**ckpt["model_config"], **overrides}))
+        model.load_state_dict(ckpt["model"])
+        source = {"checkpoint": str(cfg.checkpoint), "kind": ckpt.get("kind", "pretrain")}
+    else:
+        if cfg.block_size is not None:
+            overrides["block_size"] = cfg.block_size
+        if cfg.hf_model is not None:
+            if not Path(cfg.hf_model).is_dir():
+                raise FileNotFoundError(f"--hf-model {cfg.hf_model}: no such folder")
+            model, source = GPT.from_pretrained(cfg.hf_model, **overrides), {"hf_model": str(cfg.hf_model)}
+        else:
+            torch.manual_seed(cfg.seed)  # the random init is part of the run's identity
+            model, source = GPT(GPTConfig.from_preset(cfg.preset, **overrides)), {"preset": cfg.preset}
+    return model.train(), source
+
+
+def maybe_apply_lora(model: GPT, cfg: FinetuneConfig) -> None:
+    if cfg.lora_rank > 0:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
+    log(describe_trainable(model))
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool, clear: bool = True) -> None:
+    """Refuse to mix two runs in one folder unless --overwrite, which removes the old outputs.
+
+    Runs call it twice: first with ``clear=False`` (fail fast, before loading a model), then
+    right before training writes its first file, so a run that fails to start deletes nothing.
+    """
+    ours = [out_dir / n for n in (CKPT_NAME, LORA_NAME, METRICS_NAME, PLOT_NAME, RESPONSES_NAME)]
+    existing = [p for p in ours if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists: pass --overwrite to replace that run, or another --out-dir")
+    if clear:
+        for p in existing:
+            p.unlink()
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def setup_device(cfg: FinetuneConfig) -> tuple[torch.device, Callable, str]:
+    """(device, autocast context factory, compute dtype name); seeds every RNG."""
+    # torch's default thread count (one per core) is kept: unlike pretraining there is never more
+    # than one process here to share the cores with, and tests pin it to 1 for tiny models.
+    device = train_setup.resolve_device(cfg.device)
+    train_setup.seed_everything(cfg.seed)
+    autocast, dtype = train_setup.autocast_context(device, cfg.dtype)
+    return device, autocast, dtype
+
+
+def log(msg: str) -> None:
+    tqdm.write(msg)  # keeps progress bars intact
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def require_batches(n_batches: int, batch_size: int) -> None:
+    """Called before anything is written: a training split smaller than one batch trains nothing."""
+    if n_batches < 1:
+        raise ValueError(f"the training split has no full batch of {batch_size}: lower --batch-size or add records")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf; training stopped before that step's update and saved nothing."""
+
+
+def train_loop(cfg: FinetuneConfig, model: GPT, device: torch.device, autocast: Callable,
+               epoch_batches: Callable[[int], Iterable], n_batches: int,
+               step_loss: Callable[[object], tuple[torch.Tensor, dict]], evaluate: Callable[[], dict],
+               metrics, desc: str) -> dict:
+    """AdamW over the trainable parameters for ``--epochs`` epochs (or exactly ``--max-steps`` steps).
+
+    ``epoch_batches(epoch)`` yields that epoch's batches; ``step_loss(batch)`` returns the loss to
+    minimise and extra numbers to log; ``evaluate()`` returns a dict of metrics, run before
+    training, every ``eval_interval`` steps and at the end.  Returns first/last eval and the losses.
+    """
+    from .optim import configure_optimizer
+
+    require_batches(n_batches, cfg.batch_size)
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * n_batches
+    optimizer = configure_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                                    device_type=device.type)
+    params = [p for p in model.parameters() if p.requires_grad]
+    first = evaluate()
+    metrics.log(step=0, **first)
+    log("step 0: " + _fmt(first))
+    last, losses, step, epoch, t0 = first, [], 0, 0, time.perf_counter()
+    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, disable=not cfg.progress)
+    try:
+        while step < total:
+            for batch in epoch_batches(epoch):
+                model.train()
+                with autocast():
+                    loss, extra = step_loss(batch)
+                loss.backward()
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(f"non-finite loss ({value}) at step {step + 1}; try a lower --lr")
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                losses.append(value)
+                metrics.log(step=step, loss=value, epoch=epoch, **extra)
+                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                bar.update(1)
+                if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == total:
+                    last = evaluate()
+                    metrics.log(step=step, **last)
+                    log(f"step {step} (epoch {epoch + 1}): batch loss {value:.4f}, " + _fmt(last))
+                if step == total:
+                    break
+            epoch += 1
+    finally:
+        bar.close()
+    return {"first_eval": first, "final_eval": last, "losses": losses, "steps": step, "epochs": epoch,
+            "seconds": time.perf_counter() - t0}
+
+
+def _fmt(d: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# saving and test responses
+
+
+def finish_and_save(model: GPT, cfg: FinetuneConfig, out_dir: Path, kind: str, extra: dict) -> Path:
+    """Merge LoRA and write ckpt.pt (loadable by ``load_model``), or with --no-merge-lora write only
+    the LoRA factors to lora.pt.  Returns the file written."""
+    lora = cfg.lora_rank > 0
+    state = {"format": FORMAT, "kind": kind, "finetune_config": asdict(cfg), **extra}
+    if lora and not cfg.merge_lora:
+        path = out_dir / LORA_NAME
+        atomic_save({**state, "format": LORA_FORMAT, "lora": lora_state_dict(model),
+                     "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_targets": cfg.lora_targets,
+                     "model_config": model.config.to_dict()}, path)
+        return path
+    if lora:
+        merge_lora(model)
+    path = out_dir / CKPT_NAME
+    atomic_save({**state, "model": model.state_dict(), "model_config": model.config.to_dict()}, path)
+    return path
+
+
+def load_lora_checkpoint(model: GPT, path: str | Path) -> GPT:
+    """Wrap ``model`` (the run's starting model) with the LoRA factors of a --no-merge-lora run's lora.pt."""
+    from .lora import load_lora_state_dict
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != LORA_FORMAT:
+        raise ValueError(f"{path} is not a LoRA file of this package (format {LORA_FORMAT!r})")
+    shape = lambda d: {k: v for k, v in d.items() if k != "dropout"}  # dropout may differ
+    if shape(state["model_config"]) != shape(model.config.to_dict()):
+        raise ValueError(f"{path} was trained on a model with config {state['model_config']}, "
+                         f"this one has {model.config.to_dict()}")
+    apply_lora(model, state["lora_rank"], state["lora_alpha"], state["lora_targets"])
+    load_lora_state_dict(model, state["lora"])
+    return model
+
+
+@torch.no_grad()
+def generate_responses(model: GPT, records: list[dict], tokenizer, max_new_tokens: int, device: torch.device,
+                       autocast: Callable, progress: bool = True) -> list[dict]:
+    """Each record plus ``model_response``: greedy decoding from the prompt, stopped at <|endoftext|>."""
+    from .generate import generate
+    from .instruct import EOT, prompt_ids
+
+    model.eval()
+    out = []
+    for rec in tqdm(records, desc="test responses", unit="rec", dynamic_ncols=True, disable=not progress):
+        ids = prompt_ids(rec, tokenizer)
+        idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+        with autocast():
+            seq = generate(model, idx, max_new_tokens, temperature=0.0, eos_token_id=EOT)  # (1, T + n)
+        new = seq[0, len(ids):].tolist()
+        new = new[:new.index(EOT)] if EOT in new else new
+        out.append({**rec, "model_response": tokenizer.decode(new).strip()})
+    return out
+
+
+def write_test_responses(model, test: list[dict], cfg: FinetuneConfig, out_dir: Path, device, autocast) -> Path | None:
+    from .tokenizer import get_tokenizer
+
+    n = len(test) if cfg.num_test_responses is None else min(cfg.num_test_responses, len(test))
+    if n == 0 or cfg.max_new_tokens == 0:
+        return None
+    responses = generate_responses(model, test[:n], get_tokenizer(), cfg.max_new_tokens, device, autocast,
+                                   cfg.progress)
+    path = out_dir / RESPONSES_NAME
+    atomic_write_text(path, json.dumps(responses, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def plot(metrics, out_dir: Path) -> None:
+    """loss.png: the training loss per step and ``val_loss`` per evaluation (llm pretrain's plot)."""
+    from .train_log import plot_losses
+
+    plot_losses(metrics.records, out_dir / PLOT_NAME)
