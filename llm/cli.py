@@ -3,9 +3,10 @@
     llm prepare [SOURCE]          tokenize a corpus, print token counts and where the files are
     llm pretrain [--flags]        train a GPT (every TrainConfig field is a flag; --help lists them)
     llm generate --prompt TEXT    continue prompts with a trained checkpoint or a Hugging Face folder
+    llm sft [--flags]             instruction fine-tuning (Alpaca format), full or LoRA
+    llm dpo [--flags]             preference tuning on chosen/rejected pairs
 
-Subcommands live in :data:`COMMANDS` (name -> (add_arguments, run)), so ``eval``, ``sft`` and
-``dpo`` plug in by adding an entry.  User mistakes (a missing checkpoint, a bad value) print one
+Subcommands live in :data:`COMMANDS` (name -> (help, add_arguments, run)).  User mistakes (a missing checkpoint, a bad value) print one
 ``error:`` line and exit 2 instead of a traceback; set ``LLM_DEBUG=1`` to see the traceback.
 """
 from __future__ import annotations
@@ -24,6 +25,8 @@ examples:
   llm pretrain --preset tiny --data the-verdict --max-steps 50 --out-dir out/tiny
   torchrun --standalone --nproc_per_node 2 -m llm pretrain     # data-parallel
   llm generate --prompt "ROMEO:" --max-new-tokens 100
+  llm sft --hf-model gpt2-dir --lora-rank 16 --out-dir out/sft   # instruction-tune GPT-2 with LoRA
+  llm dpo --checkpoint out/sft/ckpt.pt --out-dir out/dpo         # then preference-tune it
 """
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -166,10 +169,24 @@ def run_generate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------
 
+def _lazy(module: str, name: str) -> Callable:
+    """``llm.<module>.<name>``, imported on first call, so ``llm --help`` stays fast."""
+
+    def call(*args, **kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(f"llm.{module}"), name)(*args, **kwargs)
+
+    return call
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "prepare": ("tokenize a corpus into train/val token files", add_prepare_args, run_prepare),
     "pretrain": ("train a GPT on a corpus (see --help for every option)", add_pretrain_args, run_pretrain),
     "generate": ("generate text from a checkpoint", add_generate_args, run_generate),
+    "sft": ("supervised instruction fine-tuning (full or LoRA)", _lazy("sft", "add_sft_args"), _lazy("sft", "run_sft")),
+    "dpo": ("direct preference optimization on chosen/rejected pairs", _lazy("dpo", "add_dpo_args"),
+            _lazy("dpo", "run_dpo")),
 }
 
 

@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
 from tqdm.auto import tqdm
+
+from kernels import BACKENDS
 
 from . import distributed, train_setup
 from .checkpoint import (FORMAT, CheckpointError, atomic_save, capture_rng, load_checkpoint, load_model,
@@ -36,7 +39,7 @@ __all__ = ["TrainConfig", "train", "resume_config", "NonFiniteLossError", "Check
 CKPT_NAME, METRICS_NAME, PLOT_NAME = "ckpt.pt", "metrics.jsonl", "loss.png"
 # The allowed values of the string fields that are not free-form (the CLI offers them as choices).
 CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "loader": ("auto", "random", "sliding"),
-           "kernels": ("auto", "torch", "pytorch", "triton", "cuda")}
+           "kernels": BACKENDS}
 
 
 def _opt(default, help: str):
@@ -260,6 +263,10 @@ class Trainer:
         if not self.ckpt_path.is_file():
             raise CheckpointError(f"cannot resume: no checkpoint at {self.ckpt_path}")
         ckpt = load_checkpoint(self.ckpt_path)
+        if "optimizer" not in ckpt or "train_config" not in ckpt:
+            kind = ckpt.get("kind", "unknown")
+            raise CheckpointError(f"cannot resume from {self.ckpt_path}: it is not a pretraining checkpoint (kind "
+                                  f"{kind!r}, no optimizer or training state); use a fresh --out-dir")
         changed = check_resume_config(ckpt.get("train_config", {}), self.cfg, ckpt.get("world_size", 1),
                                       self.dist.world_size)
         for name, (was, now) in changed.items():

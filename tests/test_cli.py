@@ -83,7 +83,7 @@ def test_pretrain_help_lists_every_option_with_its_default(capsys, monkeypatch):
     for f in fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in text
     assert "--max-steps MAX_STEPS optimizer steps (the cosine schedule ends here) (default: 500)" in text
-    assert "(default: cpu-small)" in text and "--resume, --no-resume" in text and "{auto,torch,triton,cuda}" in text
+    assert "(default: cpu-small)" in text and "--resume, --no-resume" in text and "{auto,torch,pytorch,triton,cuda}" in text
     assert text.count("(default:") >= len(fields(TrainConfig))
 
 

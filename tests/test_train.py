@@ -175,6 +175,18 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
         train(tiny_cfg(tmp_path / "empty", resume=True))
 
 
+def test_resume_from_a_finetuning_checkpoint_is_a_clear_error(tmp_path):
+    # llm sft / llm dpo write ckpt.pt with the model only: resuming pretraining from it must say so
+    out = tmp_path / "sft"
+    out.mkdir()
+    model = GPT(GPTConfig.from_preset("tiny"))
+    from llm.checkpoint import FORMAT
+
+    torch.save({"format": FORMAT, "kind": "sft", "model_config": model.config.to_dict(), "model": model.state_dict()}, out / "ckpt.pt")
+    with pytest.raises(CheckpointError, match="not a pretraining checkpoint \\(kind 'sft'"):
+        train(tiny_cfg(out, resume=True))
+
+
 def test_param_groups_decay_only_matrices():
     model = GPT(GPTConfig.from_preset("tiny"))
     decay, no_decay = param_groups(model, weight_decay=0.1)
