@@ -3,6 +3,7 @@
     llm prepare [SOURCE]          tokenize a corpus, print token counts and where the files are
     llm pretrain [--flags]        train a GPT (every TrainConfig field is a flag; --help lists them)
     llm generate --prompt TEXT    continue prompts with a trained checkpoint or a Hugging Face folder
+    llm eval TASK [--flags]       perplexity | mc | gsm8k | humaneval, a table and a results JSON
     llm sft [--flags]             instruction fine-tuning (Alpaca format), full or LoRA
     llm dpo [--flags]             preference tuning on chosen/rejected pairs
 
@@ -25,6 +26,7 @@ examples:
   llm pretrain --preset tiny --data the-verdict --max-steps 50 --out-dir out/tiny
   torchrun --standalone --nproc_per_node 2 -m llm pretrain     # data-parallel
   llm generate --prompt "ROMEO:" --max-new-tokens 100
+  llm eval perplexity tinyshakespeare --split val    # of out/ckpt.pt
   llm sft --hf-model gpt2-dir --lora-rank 16 --out-dir out/sft   # instruction-tune GPT-2 with LoRA
   llm dpo --checkpoint out/sft/ckpt.pt --out-dir out/dpo         # then preference-tune it
 """
@@ -184,6 +186,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "prepare": ("tokenize a corpus into train/val token files", add_prepare_args, run_prepare),
     "pretrain": ("train a GPT on a corpus (see --help for every option)", add_pretrain_args, run_pretrain),
     "generate": ("generate text from a checkpoint", add_generate_args, run_generate),
+    "eval": ("evaluate a model: perplexity, multiple choice, GSM8K, HumanEval", _lazy("eval.cli", "add_eval_args"),
+             _lazy("eval.cli", "run_eval")),
     "sft": ("supervised instruction fine-tuning (full or LoRA)", _lazy("sft", "add_sft_args"), _lazy("sft", "run_sft")),
     "dpo": ("direct preference optimization on chosen/rejected pairs", _lazy("dpo", "add_dpo_args"),
             _lazy("dpo", "run_dpo")),
