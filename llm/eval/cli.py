@@ -35,7 +35,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="results JSON; if not given, eval_<task>.json beside the model")
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate only the first N items (perplexity: the first N tokens)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
