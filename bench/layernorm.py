@@ -4,9 +4,9 @@
     python bench/layernorm.py --quick    # CPU-sized smoke run (fp32, M = 64, C in {100, 768})
 
 Providers: our backends that can run here ("triton", "cuda" through the kernels API), the
-residual-fused ``kernels.add_layer_norm`` on triton ("add-ln-triton"), the pure-PyTorch reference,
-``F.layer_norm`` and ``torch.compile(F.layer_norm)``.  A provider that cannot run is reported as
-skipped with the reason, never silently dropped.
+residual-fused ``kernels.add_layer_norm`` on each of them ("add-ln-triton", "add-ln-cuda"), the
+pure-PyTorch reference, ``F.layer_norm`` and ``torch.compile(F.layer_norm)``.  A provider that
+cannot run is reported as skipped with the reason, never silently dropped.
 
 LayerNorm is memory bound, so the figure of merit is achieved bandwidth, reported in GB/s and as a
 percentage of a device-to-device copy measured in the same run (``y.copy_(x)`` on a large buffer,
@@ -78,8 +78,9 @@ def providers(device: torch.device, dtype: torch.dtype, only: list[str] | None =
     for name in ("triton", "cuda"):
         reason = unavailable_reason(name, "layer_norm", device)
         found[name] = ("ln", on_backend("layer_norm", name)) if reason is None else reason  # eps: the default, EPS
-    reason = unavailable_reason("triton", "add_layer_norm", device)
-    found["add-ln-triton"] = ("add-ln", on_backend("add_layer_norm", "triton")) if reason is None else reason
+    for name in ("triton", "cuda"):
+        reason = unavailable_reason(name, "add_layer_norm", device)
+        found[f"add-ln-{name}"] = ("add-ln", on_backend("add_layer_norm", name)) if reason is None else reason
     found["reference"] = ("ln", reference_layer_norm)
     found["F.layer_norm"] = ("ln", f_layer_norm)
     if only is None or "compile" in only:

@@ -21,11 +21,36 @@ LayerNormFwdOut layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight
 LayerNormBwdOut layer_norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                    const at::Tensor& mean, const at::Tensor& rstd);
 
-// csrc/layernorm_cuda.cu (only in the CUDA build), reached through this table.
+// ---- add_layer_norm and cross-entropy (issue 4) ------------------------------------------------
+// add_layer_norm_fwd: x, residual (M, C) in one dtype; weight, bias (C,) in x's dtype.  sum = x + residual
+// formed in fp32 (fp64) and rounded to x's dtype, y = LayerNorm(sum); mean, rstd are sum's statistics.
+using AddLayerNormFwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // y, sum, mean, rstd
+// cross_entropy_fwd: logits (N, V) float, targets (N,) int64 with values in [0, V) or == ignore_index.
+// loss is the 0-d mean over the non-ignored rows (0 when there are none), lse (N,) the rows' log-sum-exp;
+// both in stats_dtype(logits).  cross_entropy_bwd: dloss a one-element float tensor; returns dlogits.
+using CrossEntropyFwdOut = std::tuple<at::Tensor, at::Tensor>;  // loss, lse
+
+// csrc/layernorm_cpu.cpp
+AddLayerNormFwdOut add_layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                          const at::Tensor& bias, double eps);
+// csrc/cross_entropy_cpu.cpp
+CrossEntropyFwdOut cross_entropy_fwd_cpu(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index);
+at::Tensor cross_entropy_bwd_cpu(const at::Tensor& dloss, const at::Tensor& logits, const at::Tensor& targets,
+                                 const at::Tensor& lse, int64_t ignore_index);
+// ---- end add_layer_norm and cross-entropy --------------------------------------------------------
+
+// csrc/*_cuda.cu (only in the CUDA build), reached through this table.
 struct CudaKernels {
   LayerNormFwdOut (*layer_norm_fwd)(const at::Tensor&, const at::Tensor&, const at::Tensor&, double) = nullptr;
   LayerNormBwdOut (*layer_norm_bwd)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                     const at::Tensor&) = nullptr;
+  // ---- add_layer_norm (layernorm_cuda.cu) and cross-entropy (cross_entropy_cuda.cu) ----
+  AddLayerNormFwdOut (*add_layer_norm_fwd)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, double) = nullptr;
+  CrossEntropyFwdOut (*cross_entropy_fwd)(const at::Tensor&, const at::Tensor&, int64_t) = nullptr;
+  at::Tensor (*cross_entropy_bwd)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  int64_t) = nullptr;
+  // ---- end add_layer_norm and cross-entropy ----
 };
 CudaKernels& cuda_kernels();  // defined in ops.cpp
 

@@ -1,5 +1,10 @@
 // LayerNorm on the CPU: the C++ twin of layernorm_cuda.cu, same algorithm, same saved statistics.
 //
+// add_layer_norm (the pre-LN block's residual add) runs the same forward on s = x + residual: the
+// first pass reads x and residual once, forms s in fp32 (fp64) and stores it rounded to x's dtype,
+// and the later passes read that stored s (exactly what kernels.reference.add_layer_norm
+// normalizes).  Its backward is layer_norm_bwd on s (the Python autograd formula adds dsum).
+//
 // Forward, per row of x (M, C):  mean = sum(x)/C;  var = sum((x - mean)^2)/C  (two passes: no
 // catastrophic cancellation for rows with a large mean);  rstd = 1/sqrt(var + eps);
 // y = (x - mean) * rstd * w + b.  Saves mean and rstd (M,) for the backward.
@@ -30,9 +35,10 @@ namespace {
 
 constexpr int64_t kMaxBlocks = 64;  // row blocks for the dweight/dbias partial sums
 
+// res == nullptr: LayerNorm of x.  Otherwise LayerNorm of s = x + res, written to s_out.
 template <typename scalar_t>
-void fwd_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* b, scalar_t* y, void* mean_v, void* rstd_v,
-                int64_t M, int64_t C, double eps) {
+void fwd_kernel(const scalar_t* x, const scalar_t* res, scalar_t* s_out, const scalar_t* w, const scalar_t* b,
+                scalar_t* y, void* mean_v, void* rstd_v, int64_t M, int64_t C, double eps) {
   using acc_t = at::opmath_type<scalar_t>;
   auto* mean_out = static_cast<acc_t*>(mean_v);
   auto* rstd_out = static_cast<acc_t*>(rstd_v);
@@ -43,7 +49,17 @@ void fwd_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* b, scalar_
       const scalar_t* xr = x + r * C;
       scalar_t* yr = y + r * C;
       acc_t sum = 0;
-      for (int64_t c = 0; c < C; ++c) sum += static_cast<acc_t>(xr[c]);
+      if (res == nullptr) {
+        for (int64_t c = 0; c < C; ++c) sum += static_cast<acc_t>(xr[c]);
+      } else {
+        const scalar_t* rr = res + r * C;
+        scalar_t* sr = s_out + r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          sr[c] = static_cast<scalar_t>(static_cast<acc_t>(xr[c]) + static_cast<acc_t>(rr[c]));
+          sum += static_cast<acc_t>(sr[c]);
+        }
+        xr = sr;  // the later passes normalize the stored (rounded) sum
+      }
       const acc_t mean = sum / static_cast<acc_t>(C);
       acc_t sq = 0;
       for (int64_t c = 0; c < C; ++c) {
@@ -123,11 +139,28 @@ LayerNormFwdOut layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight
   auto mean = at::empty({M}, stats_opts);
   auto rstd = at::empty({M}, stats_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cpu", [&] {
-    fwd_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+    fwd_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), nullptr, nullptr, weight.const_data_ptr<scalar_t>(),
                          bias.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), mean.data_ptr(),
                          rstd.data_ptr(), M, C, eps);
   });
   return {y, mean, rstd};
+}
+
+AddLayerNormFwdOut add_layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                          const at::Tensor& bias, double eps) {
+  const int64_t M = x.size(0), C = x.size(1);
+  auto y = at::empty_like(x);
+  auto sum = at::empty_like(x);
+  auto stats_opts = x.options().dtype(stats_dtype(x.scalar_type()));
+  auto mean = at::empty({M}, stats_opts);
+  auto rstd = at::empty({M}, stats_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_layer_norm_fwd_cpu", [&] {
+    fwd_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), residual.const_data_ptr<scalar_t>(),
+                         sum.mutable_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+                         bias.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), mean.data_ptr(),
+                         rstd.data_ptr(), M, C, eps);
+  });
+  return {y, sum, mean, rstd};
 }
 
 LayerNormBwdOut layer_norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,

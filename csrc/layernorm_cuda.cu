@@ -1,5 +1,9 @@
 // LayerNorm on the GPU: forward, and backward as dx per row plus dweight/dbias column sums.
 //
+// add_layer_norm runs the same forward kernel with HAS_RES: the first pass reads x and residual once,
+// forms s = x + residual in fp32, stores it rounded to x's dtype and sums that; the later passes
+// re-read the stored s (each lane reads back only what it wrote itself, so no synchronisation).
+//
 // Same math as layernorm_cpu.cpp (see there): two-pass mean/variance per row, y = xhat * w + b with
 // xhat = (x - mean) * rstd; backward dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w;
 // dw = sum_rows dy * xhat, db = sum_rows dy.  fp32 accumulation for fp32/fp16/bf16, one rounding on
@@ -16,7 +20,8 @@
 //   columns of one row), reduces its 8 row-lanes in shared memory and writes fp32 partials to an
 //   (n_row_blocks, C) buffer; _ln_bwd_dwdb_reduce_kernel adds the partials in row-block order
 //   (deterministic: no atomics) and stores in weight's dtype.
-// Bytes moved: forward reads x (3 passes, ideally 1 from DRAM) and writes y: ~2 * M * C * sizeof(T);
+// Bytes moved: forward reads x (3 passes, ideally 1 from DRAM) and writes y: ~2 * M * C * sizeof(T)
+// (add_layer_norm: reads x and residual, writes s and y: ~4 * M * C * sizeof(T));
 // backward reads x and dy twice for dx, once more for dw/db, writes dx: ~5 * M * C * sizeof(T).
 // Limits: row offsets are int64 (M * C may pass 2^31); a row must have C < 2^31 elements.
 #include <ATen/ATen.h>
@@ -29,6 +34,7 @@
 #include <cstdint>
 
 #include "common.h"
+#include "cuda_utils.cuh"
 
 namespace llm_kernels {
 namespace {
@@ -38,16 +44,6 @@ constexpr int kTileCols = 32;    // columns per block in the dw/db partial kerne
 constexpr int kTileRows = 8;     // row lanes per block in the dw/db partial kernel
 constexpr int64_t kMaxRowBlocks = 128;
 
-// float, half and bfloat16 only (float64 goes to the torch backend): 3 instantiations, not 4.
-#define LLM_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                                           \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                 \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -56,10 +52,11 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // ------------------------------------------------------------------------------------------ kernels
 
-template <typename T, int N>
-__global__ void _ln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
-                               T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
-                               int64_t M, int64_t C, float eps) {
+// HAS_RES: normalize s = x + res, written to s (not __restrict__: the later passes read it back).
+template <typename T, int N, bool HAS_RES>
+__global__ void _ln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ res, T* s, const T* __restrict__ w,
+                               const T* __restrict__ b, T* __restrict__ y, float* __restrict__ mean_out,
+                               float* __restrict__ rstd_out, int64_t M, int64_t C, float eps) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.y;
   if (row >= M) return;
   const int lane = threadIdx.x;
@@ -69,9 +66,21 @@ __global__ void _ln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ w,
   float sum = 0.f;
   for (int64_t c = static_cast<int64_t>(lane) * N; c < C; c += 32 * N) {
     const Vec<T, N> xv = *reinterpret_cast<const Vec<T, N>*>(xr + c);
+    if constexpr (HAS_RES) {
+      const Vec<T, N> rv = *reinterpret_cast<const Vec<T, N>*>(res + row * C + c);
+      Vec<T, N> sv;
 #pragma unroll
-    for (int i = 0; i < N; ++i) sum += static_cast<float>(xv.v[i]);
+      for (int i = 0; i < N; ++i) {
+        sv.v[i] = static_cast<T>(static_cast<float>(xv.v[i]) + static_cast<float>(rv.v[i]));
+        sum += static_cast<float>(sv.v[i]);  // the statistics of the rounded sum, as stored
+      }
+      *reinterpret_cast<Vec<T, N>*>(s + row * C + c) = sv;
+    } else {
+#pragma unroll
+      for (int i = 0; i < N; ++i) sum += static_cast<float>(xv.v[i]);
+    }
   }
+  if constexpr (HAS_RES) xr = s + row * C;  // the same lane wrote these elements above
   const float mean = warp_sum(sum) / static_cast<float>(C);
 
   float sq = 0.f;
@@ -196,9 +205,8 @@ __global__ void _ln_bwd_dwdb_reduce_kernel(const float* __restrict__ dw_partial,
 
 // ---------------------------------------------------------------------------------------- launchers
 
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
-// 16-byte vectors when C is a multiple of the width and every row pointer is 16-byte aligned.
+// 16-byte vectors when C is a multiple of the width and every row pointer is 16-byte aligned
+// (a null pointer, an absent residual, counts as aligned).
 template <typename T>
 bool can_vectorize(int64_t C, std::initializer_list<const void*> ptrs) {
   constexpr int64_t N = 16 / sizeof(T);
@@ -208,35 +216,60 @@ bool can_vectorize(int64_t C, std::initializer_list<const void*> ptrs) {
   return true;
 }
 
-LayerNormFwdOut layer_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                    double eps) {
-  TORCH_CHECK(x.scalar_type() != at::kDouble, "layer_norm_fwd: the CUDA kernels take float32, float16 or "
-              "bfloat16; got x with dtype ", x.scalar_type(), " (use the torch backend for float64)");
-  const c10::cuda::CUDAGuard guard(x.device());
+// The forward of layer_norm (res undefined) and add_layer_norm (res and s defined), into y, mean, rstd.
+void ln_fwd(const char* op, const at::Tensor& x, const at::Tensor& res, const at::Tensor& s, const at::Tensor& weight,
+            const at::Tensor& bias, double eps, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& rstd) {
+  TORCH_CHECK(x.scalar_type() != at::kDouble, op, ": the CUDA kernels take float32, float16 or bfloat16; got x "
+              "with dtype ", x.scalar_type(), " (use the torch backend for float64)");
   const int64_t M = x.size(0), C = x.size(1);
-  auto y = at::empty_like(x);
-  auto mean = at::empty({M}, x.options().dtype(at::kFloat));
-  auto rstd = at::empty({M}, x.options().dtype(at::kFloat));
-  if (M == 0) return {y, mean, rstd};
+  if (M == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 block(32, kWarps);
   const dim3 grid(static_cast<unsigned>((M + kWarps - 1) / kWarps));
+  const float feps = static_cast<float>(eps);
   LLM_DISPATCH_CUDA_TYPES(x.scalar_type(), "layer_norm_fwd_cuda", [&] {
+    constexpr int kVec = 16 / sizeof(scalar_t);
     const auto* xp = x.const_data_ptr<scalar_t>();
+    const auto* resp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
+    auto* sp = s.defined() ? s.mutable_data_ptr<scalar_t>() : nullptr;
     const auto* wp = weight.const_data_ptr<scalar_t>();
     const auto* bp = bias.const_data_ptr<scalar_t>();
     auto* yp = y.mutable_data_ptr<scalar_t>();
     auto* mp = mean.mutable_data_ptr<float>();
     auto* rp = rstd.mutable_data_ptr<float>();
-    if (can_vectorize<scalar_t>(C, {xp, wp, bp, yp})) {
-      _ln_fwd_kernel<scalar_t, 16 / sizeof(scalar_t)><<<grid, block, 0, stream>>>(xp, wp, bp, yp, mp, rp, M, C,
-                                                                                   static_cast<float>(eps));
+    const bool vec = can_vectorize<scalar_t>(C, {xp, resp, sp, wp, bp, yp});
+    if (resp != nullptr && vec) {
+      _ln_fwd_kernel<scalar_t, kVec, true><<<grid, block, 0, stream>>>(xp, resp, sp, wp, bp, yp, mp, rp, M, C, feps);
+    } else if (resp != nullptr) {
+      _ln_fwd_kernel<scalar_t, 1, true><<<grid, block, 0, stream>>>(xp, resp, sp, wp, bp, yp, mp, rp, M, C, feps);
+    } else if (vec) {
+      _ln_fwd_kernel<scalar_t, kVec, false><<<grid, block, 0, stream>>>(xp, resp, sp, wp, bp, yp, mp, rp, M, C, feps);
     } else {
-      _ln_fwd_kernel<scalar_t, 1><<<grid, block, 0, stream>>>(xp, wp, bp, yp, mp, rp, M, C, static_cast<float>(eps));
+      _ln_fwd_kernel<scalar_t, 1, false><<<grid, block, 0, stream>>>(xp, resp, sp, wp, bp, yp, mp, rp, M, C, feps);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+LayerNormFwdOut layer_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                    double eps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = at::empty_like(x);
+  auto mean = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  auto rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  ln_fwd("layer_norm_fwd", x, at::Tensor(), at::Tensor(), weight, bias, eps, y, mean, rstd);
   return {y, mean, rstd};
+}
+
+AddLayerNormFwdOut add_layer_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                           const at::Tensor& bias, double eps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = at::empty_like(x);
+  auto sum = at::empty_like(x);
+  auto mean = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  auto rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  ln_fwd("add_layer_norm_fwd", x, residual, sum, weight, bias, eps, y, mean, rstd);
+  return {y, sum, mean, rstd};
 }
 
 LayerNormBwdOut layer_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
@@ -287,6 +320,7 @@ struct Registrar {
   Registrar() {
     cuda_kernels().layer_norm_fwd = &layer_norm_fwd_cuda;
     cuda_kernels().layer_norm_bwd = &layer_norm_bwd_cuda;
+    cuda_kernels().add_layer_norm_fwd = &add_layer_norm_fwd_cuda;
   }
 };
 const Registrar registrar;

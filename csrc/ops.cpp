@@ -11,6 +11,19 @@
 //   layer_norm_bwd(dy, x, weight, mean, rstd) -> (dx, dweight, dbias)
 //       dx (M, C) in x's dtype; dweight, dbias (C,) in weight's dtype (accumulated in fp32/fp64).
 // weight and bias must have x's dtype (the Python wrapper casts them); inputs may be non-contiguous.
+//
+// add_layer_norm and cross-entropy (their own section at the end of this file; kernels in
+// layernorm_cpu.cpp / layernorm_cuda.cu and cross_entropy_cpu.cpp / cross_entropy_cuda.cu):
+//   add_layer_norm_fwd(x, residual, weight, bias, eps) -> (y, sum, mean, rstd)
+//       sum = x + residual (M, C) in x's dtype, y = layer_norm(sum); backward: layer_norm_bwd on sum.
+//   cross_entropy_fwd(logits, targets, ignore_index) -> (loss, lse)
+//       logits (N, V) float, targets (N,) int64; loss the 0-d mean over non-ignored rows (0 if none),
+//       lse (N,) the rows' log-sum-exp, both float32 (float64 for float64 logits).
+//   cross_entropy_bwd(dloss, logits, targets, lse, ignore_index) -> dlogits
+//       (softmax - onehot) * dloss / n_valid per row, zero rows for ignored targets; logits' dtype.
+// Target values are checked here for CPU tensors.  On CUDA that would cost a host sync per call, so
+// the kernels check them instead: an out-of-range target (neither in [0, V) nor ignore_index) makes
+// the loss and that row's dlogits NaN.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -123,6 +136,123 @@ TORCH_LIBRARY_IMPL(llm_kernels, CUDA, m) {
   m.impl("layer_norm_fwd", &fwd_cuda);
   m.impl("layer_norm_bwd", &bwd_cuda);
 }
+
+// ---- add_layer_norm and cross-entropy ------------------------------------------------------------
+
+namespace {
+
+void check_add_fwd(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, const at::Tensor& bias,
+                   double eps) {
+  const char* op = "add_layer_norm_fwd";
+  check_x(op, x);
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type() &&
+                  residual.device() == x.device(),
+              op, ": residual must match x (", describe(x), "), got ", describe(residual));
+  check_like_param(op, "weight", weight, x);
+  check_like_param(op, "bias", bias, x);
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, op, ": eps must be a finite positive number, got ", eps);
+}
+
+AddLayerNormFwdOut add_fwd_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                               const at::Tensor& bias, double eps) {
+  check_add_fwd(x, residual, weight, bias, eps);
+  return add_layer_norm_fwd_cpu(x.contiguous(), residual.contiguous(), weight.contiguous(), bias.contiguous(), eps);
+}
+
+AddLayerNormFwdOut add_fwd_cuda(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                const at::Tensor& bias, double eps) {
+  check_add_fwd(x, residual, weight, bias, eps);
+  TORCH_CHECK(cuda_kernels().add_layer_norm_fwd != nullptr, "add_layer_norm_fwd: ", kNoCuda);
+  return cuda_kernels().add_layer_norm_fwd(x.contiguous(), residual.contiguous(), weight.contiguous(),
+                                           bias.contiguous(), eps);
+}
+
+// logits (N, V) float, targets (N,) int64 on logits' device; on the CPU every target in [0, V) or ignored.
+void check_logits_targets(const char* op, const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
+  check_float(op, "logits", logits);
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, op, ": logits must be 2-D (N, V) with V > 0, got ",
+              describe(logits));
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == N && targets.scalar_type() == at::kLong &&
+                  targets.device() == logits.device(),
+              op, ": targets must have shape [", N, "], dtype int64 and device ", logits.device(),
+              " (one class id per row of logits), got ", describe(targets));
+  if (targets.device().is_cpu()) {
+    const at::Tensor t = targets.contiguous();
+    const int64_t* y = t.const_data_ptr<int64_t>();
+    for (int64_t r = 0; r < N; ++r) {
+      TORCH_CHECK(y[r] == ignore_index || (y[r] >= 0 && y[r] < V), op, ": targets must be in [0, ", V,
+                  ") or equal ignore_index=", ignore_index, "; found ", y[r], " at row ", r, " (targets: ",
+                  describe(targets), ")");
+    }
+  }
+}
+
+void check_ce_bwd(const at::Tensor& dloss, const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                  int64_t ignore_index) {
+  const char* op = "cross_entropy_bwd";
+  check_logits_targets(op, logits, targets, ignore_index);
+  check_float(op, "dloss", dloss);
+  TORCH_CHECK(dloss.dim() == 0 && dloss.device() == logits.device(), op,
+              ": dloss must be a 0-d tensor (the loss's gradient) on device ", logits.device(), ", got ",
+              describe(dloss));
+  const auto sd = stats_dtype(logits.scalar_type());
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == logits.size(0) && lse.scalar_type() == sd &&
+                  lse.device() == logits.device(),
+              op, ": lse must have shape [", logits.size(0), "], dtype ", sd, " and device ", logits.device(),
+              " (as cross_entropy_fwd returns it), got ", describe(lse));
+}
+
+CrossEntropyFwdOut ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
+  check_logits_targets("cross_entropy_fwd", logits, targets, ignore_index);
+  return cross_entropy_fwd_cpu(logits.contiguous(), targets.contiguous(), ignore_index);
+}
+
+at::Tensor ce_bwd_cpu(const at::Tensor& dloss, const at::Tensor& logits, const at::Tensor& targets,
+                      const at::Tensor& lse, int64_t ignore_index) {
+  check_ce_bwd(dloss, logits, targets, lse, ignore_index);
+  return cross_entropy_bwd_cpu(dloss, logits.contiguous(), targets.contiguous(), lse.contiguous(), ignore_index);
+}
+
+CrossEntropyFwdOut ce_fwd_cuda(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
+  check_logits_targets("cross_entropy_fwd", logits, targets, ignore_index);
+  TORCH_CHECK(cuda_kernels().cross_entropy_fwd != nullptr, "cross_entropy_fwd: ", kNoCuda);
+  return cuda_kernels().cross_entropy_fwd(logits.contiguous(), targets.contiguous(), ignore_index);
+}
+
+at::Tensor ce_bwd_cuda(const at::Tensor& dloss, const at::Tensor& logits, const at::Tensor& targets,
+                       const at::Tensor& lse, int64_t ignore_index) {
+  check_ce_bwd(dloss, logits, targets, lse, ignore_index);
+  TORCH_CHECK(cuda_kernels().cross_entropy_bwd != nullptr, "cross_entropy_bwd: ", kNoCuda);
+  return cuda_kernels().cross_entropy_bwd(dloss, logits.contiguous(), targets.contiguous(), lse.contiguous(),
+                                          ignore_index);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llm_kernels, m) {
+  m.def(
+      "add_layer_norm_fwd(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps) -> "
+      "(Tensor y, Tensor sum, Tensor mean, Tensor rstd)");
+  m.def("cross_entropy_fwd(Tensor logits, Tensor targets, int ignore_index) -> (Tensor loss, Tensor lse)");
+  m.def(
+      "cross_entropy_bwd(Tensor dloss, Tensor logits, Tensor targets, Tensor lse, int ignore_index) -> "
+      "Tensor dlogits");
+}
+
+TORCH_LIBRARY_IMPL(llm_kernels, CPU, m) {
+  m.impl("add_layer_norm_fwd", &add_fwd_cpu);
+  m.impl("cross_entropy_fwd", &ce_fwd_cpu);
+  m.impl("cross_entropy_bwd", &ce_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(llm_kernels, CUDA, m) {
+  m.impl("add_layer_norm_fwd", &add_fwd_cuda);
+  m.impl("cross_entropy_fwd", &ce_fwd_cuda);
+  m.impl("cross_entropy_bwd", &ce_bwd_cuda);
+}
+
+// ---- end add_layer_norm and cross-entropy --------------------------------------------------------
 
 }  // namespace llm_kernels
 

@@ -8,10 +8,15 @@ kernels, csrc/ops.cpp).  This module adds what torch needs on the Python side:
   shapes without running a kernel;
 * the autograd formula of ``layer_norm_fwd`` (its backward is the ``layer_norm_bwd`` op), registered
   with ``torch.library.register_autograd`` so torch.compile traces through it without a graph break;
-* the backend's ``layer_norm``: (..., C) -> (M, C) rows, the op, and back to x's shape.
+* the backend's ``layer_norm``: (..., C) -> (M, C) rows, the op, and back to x's shape;
+* ``add_layer_norm`` (op ``add_layer_norm_fwd``; its backward is ``layer_norm_bwd`` on the saved sum,
+  plus the sum's own incoming gradient, which flows to both x and residual);
+* ``cross_entropy`` (ops ``cross_entropy_fwd`` / ``cross_entropy_bwd``: logits (..., V) -> (N, V));
+* ``linear_cross_entropy``: the shared chunk loop of kernels/_chunked_linear_ce.py with the CE ops on
+  each (chunk_rows, V) logits chunk, so the (N, V) logits never exist.
 
-Only ``layer_norm`` is implemented so far; for the other ops the backend reports "no cuda
-implementation of <op>".  float64 CUDA tensors go to the reference (the CUDA kernels take
+``causal_attention`` is not implemented here yet: for it the backend reports "no cuda implementation
+of causal_attention".  float64 CUDA tensors go to the reference (the CUDA kernels take
 fp32/fp16/bf16); on the CPU the C++ kernels take all four float dtypes.
 """
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 
 from . import (
     _C,  # noqa: F401  (loading the library registers the ops)
+    _chunked_linear_ce,
     reference,
 )
 from .backends import register
@@ -78,3 +84,128 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     x2 = x.reshape(-1, C)  # (M, C)
     y, _mean, _rstd = _ops.layer_norm_fwd(x2, weight.to(x.dtype), bias.to(x.dtype), float(eps))
     return y.view(x.shape)  # (..., C)
+
+
+# ---- add_layer_norm and cross-entropy ------------------------------------------------------------
+
+
+@torch.library.register_fake("llm_kernels::add_layer_norm_fwd")
+def _add_layer_norm_fwd_fake(x, residual, weight, bias, eps):
+    torch._check(x.dim() == 2, lambda: f"add_layer_norm_fwd: x must be 2-D (M, C), got shape {tuple(x.shape)}")
+    M = x.shape[0]
+    stats = _stats_dtype(x.dtype)
+    # y, sum (M, C) contiguous in x's dtype; mean, rstd (M,)
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((M,), dtype=stats), x.new_empty((M,), dtype=stats)
+
+
+def _add_layer_norm_setup_context(ctx, inputs, output):
+    _x, _residual, weight, _bias, _eps = inputs
+    _y, total, mean, rstd = output
+    ctx.save_for_backward(total, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _add_layer_norm_backward(ctx, dy, dsum, _dmean, _drstd):
+    # autograd hands an unused output's gradient over as zeros, so dy and dsum are both tensors
+    total, weight, mean, rstd = ctx.saved_tensors
+    dtotal, dweight, dbias = _ops.layer_norm_bwd(dy, total, weight, mean, rstd)
+    dtotal = dtotal + dsum  # sum = x + residual: its gradient is that of both x and residual
+    return dtotal, dtotal, dweight, dbias, None
+
+
+torch.library.register_autograd(
+    "llm_kernels::add_layer_norm_fwd", _add_layer_norm_backward, setup_context=_add_layer_norm_setup_context
+)
+
+
+@register("cuda", "add_layer_norm")
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(layer_norm(x + residual), x + residual)`` by one kernel that reads x and residual once.
+
+    Inputs already validated by the public API (x and residual share shape and dtype); weight and
+    bias are cast to x's dtype as in ``layer_norm``.  Both outputs have x's shape and dtype.
+    """
+    if x.device.type == "cuda" and x.dtype == torch.float64:
+        return reference.add_layer_norm(x, residual, weight, bias, eps)
+    C = x.shape[-1]
+    y, total, _mean, _rstd = _ops.add_layer_norm_fwd(
+        x.reshape(-1, C), residual.reshape(-1, C), weight.to(x.dtype), bias.to(x.dtype), float(eps)  # (M, C)
+    )
+    return y.view(x.shape), total.view(x.shape)  # (..., C)
+
+
+@torch.library.register_fake("llm_kernels::cross_entropy_fwd")
+def _cross_entropy_fwd_fake(logits, targets, ignore_index):
+    torch._check(logits.dim() == 2, lambda: f"cross_entropy_fwd: logits must be 2-D (N, V), got shape {tuple(logits.shape)}")
+    stats = _stats_dtype(logits.dtype)
+    # loss 0-d; lse (N,)
+    return logits.new_empty((), dtype=stats), logits.new_empty((logits.shape[0],), dtype=stats)
+
+
+@torch.library.register_fake("llm_kernels::cross_entropy_bwd")
+def _cross_entropy_bwd_fake(dloss, logits, targets, lse, ignore_index):
+    torch._check(logits.dim() == 2, lambda: f"cross_entropy_bwd: logits must be 2-D (N, V), got shape {tuple(logits.shape)}")
+    return logits.new_empty(logits.shape)  # dlogits (N, V) contiguous in logits' dtype
+
+
+def _cross_entropy_setup_context(ctx, inputs, output):
+    logits, targets, ignore_index = inputs
+    _loss, lse = output
+    ctx.save_for_backward(logits, targets, lse)
+    ctx.ignore_index = ignore_index
+    ctx.mark_non_differentiable(lse)
+
+
+def _cross_entropy_backward(ctx, dloss, _dlse):
+    logits, targets, lse = ctx.saved_tensors
+    return _ops.cross_entropy_bwd(dloss, logits, targets, lse, ctx.ignore_index), None, None
+
+
+torch.library.register_autograd(
+    "llm_kernels::cross_entropy_fwd", _cross_entropy_backward, setup_context=_cross_entropy_setup_context
+)
+
+
+@register("cuda", "cross_entropy")
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of logits (..., V) against targets (...), by the extension's kernels.
+
+    Inputs already validated by the public API.  Returns a float32 scalar (float64 for float64 logits).
+    The backward keeps the logits (no (N, V) gradient is stored between forward and backward).
+    """
+    if logits.device.type == "cuda" and logits.dtype == torch.float64:
+        return reference.cross_entropy(logits, targets, ignore_index)
+    V = logits.shape[-1]
+    loss, _lse = _ops.cross_entropy_fwd(logits.reshape(-1, V), targets.reshape(-1).long(), int(ignore_index))  # (N, V), (N,)
+    return loss
+
+
+def _chunk_ce(logits, targets, ignore_index, need_grad):
+    """The chunk kernel of the shared linear-CE loop: summed loss and softmax - onehot (scale 1)."""
+    loss, lse = _ops.cross_entropy_fwd(logits, targets, ignore_index)
+    n_valid = (targets != ignore_index).sum().to(loss.dtype)  # on the device: no host sync
+    # the op returns the chunk's mean; dloss = n_valid makes its gradient scale dloss / n_valid exactly 1
+    dlogits = _ops.cross_entropy_bwd(n_valid, logits, targets, lse, ignore_index) if need_grad else None
+    return loss * n_valid, dlogits
+
+
+def linear_cross_entropy_chunked(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """``linear_cross_entropy`` with an explicit chunk size (rows of logits formed at a time)."""
+    if hidden.device.type == "cuda" and hidden.dtype == torch.float64:
+        return reference.linear_cross_entropy(hidden, weight, targets, ignore_index)
+    return _chunked_linear_ce.linear_cross_entropy_chunked(
+        _chunk_ce, hidden, weight, targets.long(), int(ignore_index), chunk_rows
+    )
+
+
+@register("cuda", "linear_cross_entropy")
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """``cross_entropy(hidden @ weight.T, targets)`` without ever forming the (N, V) logits."""
+    return linear_cross_entropy_chunked(hidden, weight, targets, ignore_index)

@@ -17,17 +17,12 @@ against ~8 N V for an unfused log_softmax + gather + their backwards.  ``_ce_for
 over the logits themselves (used on the LM-head chunks this module owns); the public autograd path
 writes into a fresh buffer, so a logits tensor the caller still holds is never touched.
 
-Linear cross-entropy (``linear_cross_entropy``).  For each chunk of rows: logits_c = h_c @ W^T
-(torch matmul), the kernel above in place on logits_c with scale 1 (so fp16 gradients do not
-underflow), then grad_h_c = dlogits_c @ W and grad_W += dlogits_c^T @ h_c (fp32 accumulator), all in
-the forward pass; the global 1/n_valid and grad_out are applied to the (N, C) and (V, C) results.
-The (N, V) logits never exist: the extra memory is one chunk_rows x V logits chunk plus grad_h
-(N, C) and the fp32 grad_W (V, C); chunk_rows = clamp(_CHUNK_ELEMS // V, 1, N), independent of N.
-Bytes moved per chunk: the logits chunk is written once by the matmul, read twice and rewritten
-once by the kernel, and read by the two gradient matmuls (on CUDA the fp16/bf16 dlogits^T @ h
-product comes out in fp32 via ``torch.mm(out_dtype=)``, a (V, C) fp32 temporary per chunk).  Like
-every backend, it computes in its inputs' dtype whatever autocast says (the model casts hidden and
-weight to the autocast dtype itself), and returns gradients in the inputs' dtypes.
+Linear cross-entropy (``linear_cross_entropy``).  The chunk loop of kernels/_chunked_linear_ce.py
+(shared with the "cuda" backend), with the kernel above run in place on each logits chunk with scale 1
+(so fp16 gradients do not underflow): the (N, V) logits never exist, the extra memory is one
+chunk_rows x V logits chunk plus grad_h (N, C) and the fp32 grad_W (V, C).  Bytes moved per chunk:
+the logits chunk is written once by the matmul, read twice and rewritten once by the kernel, and
+read by the two gradient matmuls.
 
 Limits.  float64 inputs fall back to ``kernels.reference`` (Triton has no fast fp64 path).  The
 stored gradients (N, V for cross_entropy) live from forward to backward; calling backward twice
@@ -43,12 +38,14 @@ import triton
 import triton.language as tl
 
 from . import reference
+from ._chunked_linear_ce import _CHUNK_ELEMS  # noqa: F401  (re-exported: the chunk size)
+from ._chunked_linear_ce import linear_cross_entropy_chunked as _chunked
+from ._chunked_linear_ce import rows_per_chunk as _chunk_rows  # noqa: F401  (re-exported)
+from ._chunked_linear_ce import valid_count_scale as _valid_count_scale
 from .backends import register
 
 # Vocab block per loop step (V = 50257 -> 13 blocks); also fine for the interpreter's speed.
 MAX_BLOCK_V = 4096
-# Elements of one LM-head logits chunk (chunk_rows * V); 2**25 is 64 MB in bf16, ~667 rows at V=50257.
-_CHUNK_ELEMS = 2**25
 
 
 @triton.jit
@@ -103,12 +100,6 @@ def _launch_config(V: int) -> tuple[int, int]:
     block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
     warps = 16 if block >= 4096 else 8 if block >= 1024 else 4
     return block, warps
-
-
-def _valid_count_scale(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n_valid, 1 / max(n_valid, 1)) as device tensors: counted on the device, no host sync."""
-    n_valid = (targets != ignore_index).sum()
-    return n_valid, 1.0 / n_valid.clamp(min=1).to(torch.float32)
 
 
 def _ce_forward(
@@ -182,102 +173,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 # Linear cross-entropy: LM head + loss in chunks of rows.
 
 
-def _chunk_rows(N: int, V: int, chunk_rows: int | None) -> int:
-    rows = chunk_rows if chunk_rows is not None else _CHUNK_ELEMS // V
-    return max(1, min(N, rows))
-
-
-def _fused_linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int,
-    *,
-    need_grad_hidden: bool = True,
-    need_grad_weight: bool = True,
-    chunk_rows: int | None = None,
-    grad_weight_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Mean loss (fp32 0-d), d loss/d hidden (N, C) and d loss/d weight (V, C) for grad_out = 1,
-    grad_h in hidden's dtype; grad_w accumulated in fp32, returned in ``grad_weight_dtype``
-    (default: weight's dtype).
-
-    hidden: (N, C); weight: (V, C); targets: (N,).  Rows are processed ``chunk_rows`` at a time
-    (default: ``_CHUNK_ELEMS // V``), so at most one (chunk_rows, V) logits block exists at once.
-    """
-    N, C = hidden.shape
-    V = weight.shape[0]
-    rows = _chunk_rows(N, V, chunk_rows)
-    need_grad = need_grad_hidden or need_grad_weight
-    _, scale = _valid_count_scale(targets, ignore_index)
-    one = torch.ones((), dtype=torch.float32, device=hidden.device)
-    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    grad_h = torch.empty(N, C, dtype=hidden.dtype, device=hidden.device) if need_grad_hidden else None
-    grad_w = torch.zeros(V, C, dtype=torch.float32, device=weight.device) if need_grad_weight else None
-    with reference._exact(hidden.device):  # autocast off: the matmuls run in the inputs' dtype
-        for start in range(0, N, rows):
-            _chunk(hidden, weight, targets, ignore_index, start, rows, one, loss_sum, grad_h, grad_w, need_grad)
-    if need_grad_hidden:
-        grad_h.mul_(scale)
-    if need_grad_weight:  # scaled in fp32, then one rounding to the weight's dtype (frees the fp32 sum)
-        grad_w = grad_w.mul_(scale).to(grad_weight_dtype or weight.dtype)
-    return loss_sum * scale, grad_h, grad_w
-
-
-def _chunk(hidden, weight, targets, ignore_index, start, rows, one, loss_sum, grad_h, grad_w, need_grad):
-    """One chunk of rows: logits, CE in place, and its share of the loss and of both gradients."""
-    h = hidden[start : start + rows]
-    logits = h @ weight.t()  # (rows, V) in the input dtype: the only V-wide tensor
-    losses, dlogits = _ce_forward(
-        logits, targets[start : start + rows], ignore_index, one, write_grad=need_grad, inplace=True
-    )
-    loss_sum += losses.sum()
-    if grad_h is not None:
-        torch.mm(dlogits, weight, out=grad_h[start : start + rows])
-    if grad_w is not None:
-        _add_weight_grad(grad_w, dlogits, h)
-
-
-_MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=fp32) works here (CUDA, recent torch); cleared on failure
-
-
-def _add_weight_grad(grad_w: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
-    """grad_w (fp32) += dlogits^T @ h, the fp16/bf16 product kept in fp32 where torch can."""
-    global _MM_OUT_DTYPE
-    if dlogits.dtype == torch.float32:
-        grad_w.addmm_(dlogits.t(), h)
-        return
-    if dlogits.is_cuda and _MM_OUT_DTYPE:
-        try:
-            grad_w += torch.mm(dlogits.t(), h, out_dtype=torch.float32)
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE = False
-    grad_w += dlogits.t() @ h  # product rounded to fp16/bf16 (fp32 inside the matmul), summed in fp32
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, compute_dtype):
-        C = hidden.shape[-1]
-        loss, grad_h, grad_w = _fused_linear_cross_entropy(
-            hidden.reshape(-1, C).to(compute_dtype), weight.to(compute_dtype), targets.reshape(-1), ignore_index,
-            need_grad_hidden=ctx.needs_input_grad[0], need_grad_weight=ctx.needs_input_grad[1],
-            chunk_rows=chunk_rows, grad_weight_dtype=weight.dtype,
-        )
-        ctx.hidden_shape, ctx.hidden_dtype, ctx.weight_dtype = hidden.shape, hidden.dtype, weight.dtype
-        ctx.save_for_backward(grad_h, grad_w)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        dh = dw = None
-        if grad_h is not None:  # out of place, so a second backward (retain_graph) sees the same grads
-            dh = (grad_h * grad_out).to(ctx.hidden_dtype).reshape(ctx.hidden_shape)
-        if grad_w is not None:
-            dw = (grad_w * grad_out).to(ctx.weight_dtype)
-        return dh, dw, None, None, None, None
+def _chunk_ce(logits, targets, ignore_index, need_grad):
+    """The chunk kernel of the shared loop: the CE kernel in place on the chunk's own logits, scale 1."""
+    losses, dlogits = _ce_forward(logits, targets, ignore_index, None, write_grad=need_grad, inplace=True)
+    return losses.sum(), dlogits
 
 
 def linear_cross_entropy_chunked(
@@ -287,14 +186,7 @@ def linear_cross_entropy_chunked(
     """``linear_cross_entropy`` with an explicit chunk size (rows of logits formed at a time)."""
     if hidden.dtype == torch.float64:
         return reference.linear_cross_entropy(hidden, weight, targets, ignore_index)
-    cdt = hidden.dtype  # the op computes in its inputs' dtype; the model casts for autocast (llm/model.py)
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows, cdt)
-    loss, _, _ = _fused_linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]).to(cdt), weight.to(cdt), targets.reshape(-1), ignore_index,
-        need_grad_hidden=False, need_grad_weight=False, chunk_rows=chunk_rows,
-    )
-    return loss
+    return _chunked(_chunk_ce, hidden, weight, targets, ignore_index, chunk_rows)
 
 
 @register("triton", "linear_cross_entropy")

@@ -51,7 +51,7 @@ def _measured(rows, metric):
 def test_layernorm_benchmark_quick(tmp_path):
     result = _run_quick(
         "bench/layernorm.py", "--widths", "100", "--rows", "16",
-        "--providers", "triton", "cuda", "add-ln-triton", "reference", "F.layer_norm", tmp_path=tmp_path,
+        "--providers", "triton", "cuda", "add-ln-triton", "add-ln-cuda", "reference", "F.layer_norm", tmp_path=tmp_path,
     )
     (csv_path,) = tmp_path.glob("layernorm_*.csv")
     rows = list(csv.DictReader(csv_path.open()))
@@ -68,8 +68,9 @@ def test_layernorm_benchmark_quick(tmp_path):
 
     if unavailable_reason("cuda", "layer_norm", torch.device("cpu")) is None:
         assert measured.get(("cuda", "fwd+bwd"), 0) > 0, f"cuda not measured: {rows}"
+        assert measured.get(("add-ln-cuda", "fwd+bwd"), 0) > 0, f"add-ln-cuda not measured: {rows}"
     else:
-        assert "skip cuda:" in result.stdout
+        assert "skip cuda:" in result.stdout and "skip add-ln-cuda:" in result.stdout
 
 
 def test_cross_entropy_benchmark_quick(tmp_path):
@@ -86,7 +87,14 @@ def test_cross_entropy_benchmark_quick(tmp_path):
             assert tflops.get(("linear-ce", provider, mode), 0) > 0, f"linear-ce {provider} {mode} not measured: {rows}"
     assert (tmp_path / csv_path.with_suffix(".png").name).stat().st_size > 0
     assert csv_path.with_suffix(".md").read_text().startswith("# cross_entropy")
-    if not torch.cuda.is_available():
+    # The extension's loss ops run on CPU tensors too: measured when built, reported when not.
+    from kernels.backends import unavailable_reason
+
+    if unavailable_reason("cuda", "cross_entropy", torch.device("cpu")) is None:
+        for mode in ("fwd", "fwd+bwd"):
+            assert gbps.get(("ce", "cuda", mode), 0) > 0, f"ce cuda {mode} not measured: {rows}"
+            assert tflops.get(("linear-ce", "cuda", mode), 0) > 0, f"linear-ce cuda {mode} not measured: {rows}"
+    else:
         assert "skip cuda:" in result.stdout
 
 

@@ -266,3 +266,145 @@ def test_gpu_low_precision_within_twice_torch_error(dtype, C):
         atol = (2e-3 if dtype == torch.float16 else 1e-2) * max(scale, 1.0)
         err, err_pt = _max_err(o, rf), _max_err(p, rf)
         assert err <= 2 * err_pt + atol, f"{name}: our max error {err:.3g} vs PyTorch's {err_pt:.3g} (atol {atol:.3g})"
+
+
+# ------------------------------------------------------------------------------ add_layer_norm
+
+
+def _add_inputs(shape, dtype, device="cpu", seed=1):
+    """x, residual, weight, bias (leaves that need grad) and the incoming grads dy, dsum."""
+    x, w, b, dy = _inputs(shape, dtype, device=device, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    r = (-1.0 + torch.randn(shape, generator=g)).to(dtype).to(device).requires_grad_()
+    dsum = torch.randn(shape, generator=g).to(dtype).to(device)
+    return x, r, w, b, dy, dsum
+
+
+def _check_add_against_reference(shape, dtype, device="cpu", eps=1e-5):
+    x, r, w, b, dy, dsum = _add_inputs(shape, dtype, device)
+    with kernels.backend("cuda"):
+        y, total = kernels.add_layer_norm(x, r, w, b, eps)
+    y_ref, total_ref = reference.add_layer_norm(x, r, w, b, eps)
+    _close(total, total_ref, dtype, "sum")
+    _close(y, y_ref, dtype, "y")
+    grads = torch.autograd.grad((y, total), (x, r, w, b), (dy, dsum))
+    grads_ref = torch.autograd.grad((y_ref, total_ref), (x, r, w, b), (dy, dsum))
+    for name, g, g_ref in zip(("dx", "dresidual", "dweight", "dbias"), grads, grads_ref):
+        _close(g, g_ref, dtype, name)
+
+
+def test_opcheck_add_layer_norm():
+    for dtype in (torch.float32, torch.float64):
+        x, r, w, b, _, _ = _add_inputs((7, 33), dtype)
+        torch.library.opcheck(ops.add_layer_norm_fwd.default, (x, r, w, b, 1e-5))
+    x, r, w, b, _, _ = (t.detach() for t in _add_inputs((5, 16), torch.float32))
+    torch.library.opcheck(ops.add_layer_norm_fwd.default, (x, r, w, b, 1e-3))
+
+
+def test_add_layer_norm_outputs_and_saved_statistics():
+    x, r = torch.randn(5, 300) * 3 + 1, torch.randn(5, 300)
+    y, total, mean, rstd = ops.add_layer_norm_fwd(x, r, torch.ones(300), torch.zeros(300), 1e-5)
+    assert y.is_contiguous() and total.is_contiguous() and mean.dtype == rstd.dtype == torch.float32
+    torch.testing.assert_close(total, x + r)
+    torch.testing.assert_close(mean, total.mean(-1))
+    torch.testing.assert_close(rstd, torch.rsqrt(total.var(-1, unbiased=False) + 1e-5))
+    y_ln, mean_ln, rstd_ln = ops.layer_norm_fwd(total, torch.ones(300), torch.zeros(300), 1e-5)
+    assert torch.equal(y, y_ln) and torch.equal(mean, mean_ln) and torch.equal(rstd, rstd_ln)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp64", "fp16", "bf16"])
+@pytest.mark.parametrize("C", WIDTHS)
+def test_cpu_add_layer_norm_matches_reference(C, dtype):
+    _check_add_against_reference((7, C), dtype)
+
+
+def test_cpu_add_layer_norm_leading_dims_and_one_output_used():
+    _check_add_against_reference((2, 3, 130), torch.float64, eps=1e-3)
+    for used in (0, 1):  # only y, then only the sum, carries a gradient
+        x, r, w, b, dy, _ = _add_inputs((4, 96), torch.float64)
+        with kernels.backend("cuda"):
+            out = kernels.add_layer_norm(x, r, w, b)[used]
+        out_ref = reference.add_layer_norm(x, r, w, b)[used]
+        got = torch.autograd.grad(out, (x, r, w, b), dy, allow_unused=True)
+        want = torch.autograd.grad(out_ref, (x, r, w, b), dy, allow_unused=True)
+        for name, g, g_ref in zip(("dx", "dresidual", "dweight", "dbias"), got, want):
+            if g_ref is None or not g_ref.any():  # the sum alone does not depend on weight/bias
+                assert g is None or not g.any(), f"{name} should be zero when only output {used} is used"
+            else:
+                _close(g, g_ref, torch.float64, f"{name} (output {used} used)")
+
+
+def _bad_add_calls():
+    x, w, b = torch.randn(4, 8), torch.randn(8), torch.randn(8)
+    return [
+        ("residual", lambda: ops.add_layer_norm_fwd(x, torch.randn(4, 7), w, b, 1e-5)),
+        ("residual", lambda: ops.add_layer_norm_fwd(x, x.double(), w, b, 1e-5)),
+        ("weight", lambda: ops.add_layer_norm_fwd(x, x, torch.randn(9), b, 1e-5)),
+        ("bias", lambda: ops.add_layer_norm_fwd(x, x, w, b.half(), 1e-5)),
+        ("x", lambda: ops.add_layer_norm_fwd(torch.randn(8), torch.randn(8), w, b, 1e-5)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_add_layer_norm_bad_inputs_raise_naming_the_tensor(case):
+    name, call = _bad_add_calls()[case]
+    with pytest.raises(RuntimeError, match=rf"add_layer_norm_fwd: {name}\b.*shape.*dtype"):
+        call()
+
+
+def test_add_layer_norm_bad_eps_raises():
+    with pytest.raises(RuntimeError, match="add_layer_norm_fwd: eps must be a finite positive number, got nan"):
+        ops.add_layer_norm_fwd(torch.randn(2, 3), torch.randn(2, 3), torch.ones(3), torch.zeros(3), float("nan"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C", [1, 768, 1000, 4096, 1023])
+def test_gpu_add_layer_norm_fp32_vector_and_scalar_paths(C):
+    _check_add_against_reference((37, C), torch.float32, device="cuda")
+    x = torch.randn(9, C + 1, device="cuda")[:, 1:]  # unaligned rows: the scalar path
+    r = torch.randn(9, C, device="cuda")
+    w, b = torch.randn(C, device="cuda"), torch.randn(C, device="cuda")
+    y, total, _, _ = ops.add_layer_norm_fwd(x, r, w, b, 1e-5)
+    y_ref, total_ref = reference.add_layer_norm(x, r, w, b)
+    _close(total, total_ref, torch.float32, "unaligned sum")
+    _close(y, y_ref, torch.float32, "unaligned y")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("C", [768, 1000, 4096])
+def test_gpu_add_layer_norm_low_precision_within_twice_torch_error(dtype, C):
+    """Our error against the fp32 reference is at most 2x PyTorch's own same-dtype error + a small atol."""
+    import torch.nn.functional as F
+
+    shape = (8, 509, C)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = (1.5 + 2.0 * torch.randn(shape, device="cuda", generator=g)).to(dtype)
+    r = torch.randn(shape, device="cuda", generator=g).to(dtype)
+    w = (1.0 + 0.5 * torch.randn(C, device="cuda", generator=g)).to(dtype)
+    b = (0.5 * torch.randn(C, device="cuda", generator=g)).to(dtype)
+    dy, dsum = (torch.randn(shape, device="cuda", generator=g).to(dtype) for _ in range(2))
+
+    def run(fn, leaves, grads):
+        outs = fn(*leaves)
+        return [*outs, *torch.autograd.grad(outs, leaves, grads)]
+
+    def ours(a, c, d, e):
+        with kernels.backend("cuda"):
+            return kernels.add_layer_norm(a, c, d, e, 1e-5)
+
+    def pytorch(a, c, d, e):
+        total = a + c
+        return F.layer_norm(total, (C,), d, e, 1e-5), total
+
+    mine = run(ours, [t.clone().requires_grad_() for t in (x, r, w, b)], (dy, dsum))
+    ref = run(lambda a, c, d, e: reference.add_layer_norm(a, c, d, e, 1e-5),
+              [t.float().requires_grad_() for t in (x, r, w, b)], (dy.float(), dsum.float()))
+    pt = run(pytorch, [t.clone().requires_grad_() for t in (x, r, w, b)], (dy, dsum))
+    for name, o, rf, p in zip(["y", "sum", "dx", "dresidual", "dweight", "dbias"], mine, ref, pt):
+        assert o.dtype == dtype, name
+        scale = rf.float().abs().max().item()
+        atol = (2e-3 if dtype == torch.float16 else 1e-2) * max(scale, 1.0)
+        err, err_pt = _max_err(o, rf), _max_err(p, rf)
+        assert err <= 2 * err_pt + atol, f"{name}: our max error {err:.3g} vs PyTorch's {err_pt:.3g} (atol {atol:.3g})"
