@@ -21,11 +21,27 @@ LayerNormFwdOut layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight
 LayerNormBwdOut layer_norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                    const at::Tensor& mean, const at::Tensor& rstd);
 
+// ---- causal attention (csrc/attention_cpu.cpp, csrc/attention_cuda.cu + attention_bwd_cuda.cu) ----
+// q (B, H, Tq, D), k, v (B, H, Tk, D), contiguous, Tq <= Tk, bottom-right causal mask.
+using AttentionFwdOut = std::tuple<at::Tensor, at::Tensor>;              // out (B, H, Tq, D), lse (B, H, Tq)
+using AttentionBwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // dq, dk, dv
+AttentionFwdOut attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
+AttentionBwdOut attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale);
+// The head dims the CUDA attention kernels are instantiated for (the CPU kernels take any D >= 1).
+inline bool attention_cuda_supports_head_dim(int64_t D) { return D == 64 || D == 128; }
+// ---- end causal attention ----
+
 // csrc/layernorm_cuda.cu (only in the CUDA build), reached through this table.
 struct CudaKernels {
   LayerNormFwdOut (*layer_norm_fwd)(const at::Tensor&, const at::Tensor&, const at::Tensor&, double) = nullptr;
   LayerNormBwdOut (*layer_norm_bwd)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                     const at::Tensor&) = nullptr;
+  // ---- causal attention (csrc/attention_cuda.cu fills both) ----
+  AttentionFwdOut (*attention_fwd)(const at::Tensor&, const at::Tensor&, const at::Tensor&, double) = nullptr;
+  AttentionBwdOut (*attention_bwd)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&, double) = nullptr;
+  // ---- end causal attention ----
 };
 CudaKernels& cuda_kernels();  // defined in ops.cpp
 

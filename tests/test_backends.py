@@ -41,7 +41,17 @@ def test_unknown_backend_name():
 @pytest.mark.parametrize("name", ["triton", "cuda"])
 def test_explicit_backend_that_cannot_run_raises_naming_why(name, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # without the interpreter Triton needs CUDA tensors
-    # the "cuda" backend (when built) runs layer_norm on the CPU too, but has no attention yet
+    # the "cuda" backend (when built) runs layer_norm and causal_attention on the CPU too: ask it for an op it lacks
+    from kernels import backends
+
+    cpu = torch.device("cpu")
+    if name == "cuda" and backends.unavailable_reason("cuda", "causal_attention", cpu) is None:
+        op = next((op for op in backends.OPS if backends.unavailable_reason("cuda", op, cpu)), None)
+        if op is None:
+            pytest.skip("the built cuda backend runs every op on the CPU")
+        with kernels.backend(name), pytest.raises(kernels.BackendUnavailableError, match=f"'cuda' cannot run {op} on cpu: .+"):
+            backends.resolve(op, cpu)
+        return
     q = torch.randn(1, 1, 2, 4)
     with kernels.backend(name), pytest.raises(kernels.BackendUnavailableError, match=f"'{name}' cannot run causal_attention on cpu: .+"):
         kernels.causal_attention(q, q, q)
