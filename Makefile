@@ -13,7 +13,7 @@ install: $(VENV)/.installed
 # Reinstall (and so rebuild kernels._C) when the pins, the build script or the C++/CUDA sources
 # change. --no-build-isolation lets setup.py see the installed torch, which decides what part of
 # the C++/CUDA extension this machine can build.
-$(VENV)/.installed: requirements.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+$(VENV)/.installed: requirements.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.cuh csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -r requirements.txt
 	$(BIN)/pip install -e . --no-build-isolation --no-deps

@@ -3,7 +3,8 @@
     python bench/attention.py            # GPU: bf16, D in {64, 128}, T = 512 .. 16384 at 16K tokens per batch
     python bench/attention.py --quick    # CPU-sized smoke run (what CI runs)
 
-Providers: our backends that can run here ("triton", "cuda" through the kernels API), the pure-PyTorch
+Providers: our backends that can run here ("triton", "cuda" through the kernels API -- on a GPU the
+extension's fp16/bf16 tensor-core kernels for D in {64, 128}, on a CPU its C++ twin), the pure-PyTorch
 reference, and ``F.scaled_dot_product_attention`` with each backend PyTorch offers on the device
 (flash, efficient, cuDNN on a GPU; math everywhere).  A provider that cannot run a shape is reported
 as skipped with the reason, never silently dropped.
@@ -43,11 +44,15 @@ def sdpa_provider(backend_name: str):
     return run
 
 
-def providers(device: torch.device) -> dict:
+def providers(device: torch.device, dtype: torch.dtype | None = None) -> dict:
     found = {}
     for name in ("triton", "cuda"):
         reason = unavailable_reason(name, "causal_attention", device)
         found[name] = on_backend("causal_attention", name) if reason is None else reason
+    # The extension's CUDA kernels are fp16/bf16 tensor-core kernels (its CPU twin takes any float dtype);
+    # a head dim other than 64/128 is reported per row by the backend's own error.
+    if device.type == "cuda" and dtype in (torch.float32, torch.float64) and not isinstance(found["cuda"], str):
+        found["cuda"] = f"the CUDA attention kernels take fp16/bf16, not {str(dtype).replace('torch.', '')}"
     found["reference"] = kernels.reference.causal_attention
     sdpa = ("flash_attention", "efficient_attention", "cudnn_attention", "math") if device.type == "cuda" else ("math",)
     for b in sdpa:
@@ -117,7 +122,7 @@ def main(argv=None) -> int:
     print(f"causal attention, {str(dtype).replace('torch.', '')}, {tokens} tokens per batch, H*D = {width}")
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
     rows = []
-    for name, fn in providers(device).items():
+    for name, fn in providers(device, dtype).items():
         if isinstance(fn, str):
             print(f"  skip {name}: {fn}")
             continue

@@ -21,7 +21,7 @@ LayerNormFwdOut layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight
 LayerNormBwdOut layer_norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                    const at::Tensor& mean, const at::Tensor& rstd);
 
-// ---- add_layer_norm and cross-entropy (issue 4) ------------------------------------------------
+// ---- add_layer_norm and cross-entropy ----------------------------------------------------------
 // add_layer_norm_fwd: x, residual (M, C) in one dtype; weight, bias (C,) in x's dtype.  sum = x + residual
 // formed in fp32 (fp64) and rounded to x's dtype, y = LayerNorm(sum); mean, rstd are sum's statistics.
 using AddLayerNormFwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // y, sum, mean, rstd
@@ -39,6 +39,17 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& dloss, const at::Tensor& logi
                                  const at::Tensor& lse, int64_t ignore_index);
 // ---- end add_layer_norm and cross-entropy --------------------------------------------------------
 
+// ---- causal attention (csrc/attention_cpu.cpp, csrc/attention_cuda.cu + attention_bwd_cuda.cu) ----
+// q (B, H, Tq, D), k, v (B, H, Tk, D), contiguous, Tq <= Tk, bottom-right causal mask.
+using AttentionFwdOut = std::tuple<at::Tensor, at::Tensor>;              // out (B, H, Tq, D), lse (B, H, Tq)
+using AttentionBwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // dq, dk, dv
+AttentionFwdOut attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
+AttentionBwdOut attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale);
+// The head dims the CUDA attention kernels are instantiated for (the CPU kernels take any D >= 1).
+inline bool attention_cuda_supports_head_dim(int64_t D) { return D == 64 || D == 128; }
+// ---- end causal attention ----
+
 // csrc/*_cuda.cu (only in the CUDA build), reached through this table.
 struct CudaKernels {
   LayerNormFwdOut (*layer_norm_fwd)(const at::Tensor&, const at::Tensor&, const at::Tensor&, double) = nullptr;
@@ -51,6 +62,11 @@ struct CudaKernels {
   at::Tensor (*cross_entropy_bwd)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                   int64_t) = nullptr;
   // ---- end add_layer_norm and cross-entropy ----
+  // ---- causal attention (csrc/attention_cuda.cu fills both) ----
+  AttentionFwdOut (*attention_fwd)(const at::Tensor&, const at::Tensor&, const at::Tensor&, double) = nullptr;
+  AttentionBwdOut (*attention_bwd)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&, double) = nullptr;
+  // ---- end causal attention ----
 };
 CudaKernels& cuda_kernels();  // defined in ops.cpp
 

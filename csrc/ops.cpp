@@ -1,9 +1,10 @@
 // The API layer of kernels._C: declares the ops once with TORCH_LIBRARY, validates every input with
 // TORCH_CHECK (naming the tensor and printing its shape, dtype and device), and registers the CPU
-// kernels (layernorm_cpu.cpp) and the CUDA kernels (layernorm_cuda.cu, CUDA build only).
+// kernels (*_cpu.cpp) and the CUDA kernels (*.cu, CUDA build only).  One section per op family:
+// LayerNorm, then add_layer_norm and cross-entropy, then causal attention.
 //
 // Python side: kernels/_cuda_backend.py registers the fake (meta) implementations and the autograd
-// formula with torch.library, and the "cuda" backend's layer_norm.
+// formulas with torch.library, and the "cuda" backend's ops.
 //
 // Ops (namespace llm_kernels, i.e. torch.ops.llm_kernels.*), on 2-D (M, C) tensors:
 //   layer_norm_fwd(x, weight, bias, eps) -> (y, mean, rstd)
@@ -24,6 +25,10 @@
 // Target values are checked here for CPU tensors.  On CUDA that would cost a host sync per call, so
 // the kernels check them instead: an out-of-range target (neither in [0, V) nor ignore_index) makes
 // the loss and that row's dlogits NaN.
+//
+// causal attention (its own section at the end):
+//   attention_fwd(q, k, v, scale) -> (out, lse), attention_bwd(dout, q, k, v, out, lse, scale) -> (dq, dk, dv):
+//       causal attention (attention_cpu.cpp, attention_cuda.cu); see the "causal attention" section below.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -253,6 +258,114 @@ TORCH_LIBRARY_IMPL(llm_kernels, CUDA, m) {
 }
 
 // ---- end add_layer_norm and cross-entropy --------------------------------------------------------
+
+// ===================================================================== causal attention (attention_*)
+// attention_fwd(q, k, v, scale) -> (out, lse) and attention_bwd(dout, q, k, v, out, lse, scale) ->
+// (dq, dk, dv): q (B, H, Tq, D), k/v (B, H, Tk, D), 1 <= Tq <= Tk, one float dtype and device; the causal
+// mask is aligned bottom-right (query i sees keys j <= i + Tk - Tq).  out, dq (B, H, Tq, D) in q's dtype;
+// dk, dv (B, H, Tk, D); lse (B, H, Tq) = log-sum-exp of each query row's scaled, masked scores, in float32
+// (float64 for float64 q).  CPU: any D >= 1, all four float dtypes.  CUDA: float16/bfloat16 and
+// D in {64, 128} only (tensor-core kernels; the Python backend sends float64 to the reference).
+namespace {
+
+void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(),
+              ", got ", describe(t));
+  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on q's device ", q.device(), ", got ",
+              describe(t));
+}
+
+void check_attention(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
+    check_float(op, name, t);
+    TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (B, H, T, D), got ", describe(t));
+    TORCH_CHECK(t.numel() > 0, op, ": ", name, " must not be empty, got ", describe(t));
+  }
+  check_like(op, "k", k, q);
+  check_like(op, "v", v, q);
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got k ", describe(k), " and v ",
+              describe(v));
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), op,
+              ": q and k/v must agree in batch, heads and head dim (B, H, _, D), got q ", describe(q), " and k ",
+              describe(k));
+  TORCH_CHECK(q.size(2) <= k.size(2), op, ": q has more positions than k/v (Tq=", q.size(2), " > Tk=", k.size(2),
+              "); the queries are the last Tq of the Tk positions; got q ", describe(q), " and k ", describe(k));
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be a finite positive number, got ", scale);
+}
+
+void check_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& out, const at::Tensor& lse, double scale) {
+  const char* op = "attention_bwd";
+  check_attention(op, q, k, v, scale);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dout", dout}, {"out", out}}) {
+    TORCH_CHECK(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type() && t.device() == q.device(), op, ": ",
+                name, " must match q (", describe(q), "), got ", describe(t));
+  }
+  const auto sd = stats_dtype(q.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2) &&
+                  lse.scalar_type() == sd && lse.device() == q.device(),
+              op, ": lse must have shape [", q.size(0), ", ", q.size(1), ", ", q.size(2), "], dtype ", sd,
+              " and device ", q.device(), " (as attention_fwd returns it), got ", describe(lse));
+}
+
+// What the CUDA kernels are built for (checked before the table, so the message is the same in any build).
+void check_attention_cuda(const char* op, const at::Tensor& q) {
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+              ": the CUDA kernels take float16 or bfloat16 (tensor cores, fp32 accumulation), got q with ",
+              describe(q));
+  TORCH_CHECK(attention_cuda_supports_head_dim(q.size(3)), op,
+              ": the CUDA kernels support head dims D in {64, 128}, got q with ", describe(q));
+}
+
+AttentionFwdOut attention_fwd_cpu_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  check_attention("attention_fwd", q, k, v, scale);
+  return attention_fwd_cpu(q.contiguous(), k.contiguous(), v.contiguous(), scale);
+}
+
+AttentionBwdOut attention_bwd_cpu_op(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale) {
+  check_attention_bwd(dout, q, k, v, out, lse, scale);
+  return attention_bwd_cpu(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
+                           lse.contiguous(), scale);
+}
+
+AttentionFwdOut attention_fwd_cuda_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  check_attention("attention_fwd", q, k, v, scale);
+  check_attention_cuda("attention_fwd", q);
+  TORCH_CHECK(cuda_kernels().attention_fwd != nullptr, "attention_fwd: ", kNoCuda);
+  return cuda_kernels().attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), scale);
+}
+
+AttentionBwdOut attention_bwd_cuda_op(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                      double scale) {
+  check_attention_bwd(dout, q, k, v, out, lse, scale);
+  check_attention_cuda("attention_bwd", q);
+  TORCH_CHECK(cuda_kernels().attention_bwd != nullptr, "attention_bwd: ", kNoCuda);
+  return cuda_kernels().attention_bwd(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
+                                      out.contiguous(), lse.contiguous(), scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llm_kernels, m) {
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> "
+      "(Tensor dq, Tensor dk, Tensor dv)");
+}
+
+TORCH_LIBRARY_IMPL(llm_kernels, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd_cpu_op);
+  m.impl("attention_bwd", &attention_bwd_cpu_op);
+}
+
+TORCH_LIBRARY_IMPL(llm_kernels, CUDA, m) {
+  m.impl("attention_fwd", &attention_fwd_cuda_op);
+  m.impl("attention_bwd", &attention_bwd_cuda_op);
+}
+// ================================================================= end causal attention (attention_*)
 
 }  // namespace llm_kernels
 

@@ -13,13 +13,15 @@ kernels, csrc/ops.cpp).  This module adds what torch needs on the Python side:
   plus the sum's own incoming gradient, which flows to both x and residual);
 * ``cross_entropy`` (ops ``cross_entropy_fwd`` / ``cross_entropy_bwd``: logits (..., V) -> (N, V));
 * ``linear_cross_entropy``: the shared chunk loop of kernels/_chunked_linear_ce.py with the CE ops on
-  each (chunk_rows, V) logits chunk, so the (N, V) logits never exist.
+  each (chunk_rows, V) logits chunk, so the (N, V) logits never exist;
+* ``causal_attention`` (ops ``attention_fwd`` / ``attention_bwd``; section "causal attention" at the end).
 
-``causal_attention`` is not implemented here yet: for it the backend reports "no cuda implementation
-of causal_attention".  float64 CUDA tensors go to the reference (the CUDA kernels take
+Every op of the API is implemented.  float64 CUDA tensors go to the reference (the CUDA kernels take
 fp32/fp16/bf16); on the CPU the C++ kernels take all four float dtypes.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -28,7 +30,7 @@ from . import (
     _chunked_linear_ce,
     reference,
 )
-from .backends import register
+from .backends import BackendUnavailableError, register
 
 _ops = torch.ops.llm_kernels
 
@@ -209,3 +211,75 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """``cross_entropy(hidden @ weight.T, targets)`` without ever forming the (N, V) logits."""
     return linear_cross_entropy_chunked(hidden, weight, targets, ignore_index)
+
+
+# ============================================================================ causal attention
+# Ops attention_fwd(q, k, v, scale) -> (out, lse) and attention_bwd(dout, q, k, v, out, lse, scale) ->
+# (dq, dk, dv) (csrc/ops.cpp, csrc/attention_cpu.cpp, csrc/attention_cuda.cu, attention_bwd_cuda.cu).  On the CPU the C++
+# kernels take every float dtype and any head dim; on CUDA the tensor-core kernels take fp16/bf16 with
+# D in CUDA_ATTENTION_HEAD_DIMS.
+
+
+CUDA_ATTENTION_HEAD_DIMS = (64, 128)
+
+
+@torch.library.register_fake("llm_kernels::attention_fwd")
+def _attention_fwd_fake(q, k, v, scale):
+    torch._check(q.dim() == 4, lambda: f"attention_fwd: q must be 4-D (B, H, Tq, D), got shape {tuple(q.shape)}")
+    B, H, Tq, _D = q.shape
+    # out (B, H, Tq, D) contiguous in q's dtype; lse (B, H, Tq) in float32 (float64 for float64 q)
+    return q.new_empty(q.shape), q.new_empty((B, H, Tq), dtype=_stats_dtype(q.dtype))
+
+
+@torch.library.register_fake("llm_kernels::attention_bwd")
+def _attention_bwd_fake(dout, q, k, v, out, lse, scale):
+    torch._check(q.dim() == 4 and k.dim() == 4, lambda: "attention_bwd: q, k and v must be 4-D (B, H, T, D)")
+    # dq like q (B, H, Tq, D); dk, dv like k, v (B, H, Tk, D); all contiguous
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _ops.attention_bwd(dout, q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+torch.library.register_autograd(
+    "llm_kernels::attention_fwd", _attention_backward, setup_context=_attention_setup_context
+)
+
+
+@register("cuda", "causal_attention")
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Causal attention by the extension's kernels; inputs already validated by the public API.
+
+    q, k, v are made contiguous here, deliberately: the kernels read (B, H, T, D) rows, and the model's
+    q/k/v are strided views of one fused QKV projection (one copy each, the same one the reference's
+    matmuls would make).  On CUDA: float64 runs the reference (as layer_norm does); float32, or a head
+    dim the kernels are not built for, raises BackendUnavailableError naming what is supported.
+    """
+    D = q.shape[-1]
+    sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if q.device.type == "cuda":
+        if q.dtype == torch.float64:
+            return reference.causal_attention(q, k, v, scale)
+        if q.dtype == torch.float32:
+            raise BackendUnavailableError(
+                "causal_attention: the cuda backend's CUDA kernels run on tensor cores and take float16 or "
+                "bfloat16, got float32 (use bf16 autocast, or the torch/triton backend)"
+            )
+        if D not in CUDA_ATTENTION_HEAD_DIMS:
+            raise BackendUnavailableError(
+                f"causal_attention: the cuda backend's CUDA kernels support head dims "
+                f"{', '.join(map(str, CUDA_ATTENTION_HEAD_DIMS))}, got D={D} (use the torch or triton backend)"
+            )
+    out, _lse = _ops.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), sm_scale)
+    return out  # (B, H, Tq, D)
