@@ -9,7 +9,7 @@
       -> lm_head (tied to wte by default)         logits                           (B, T, V)
 
 Attention, LayerNorm and the loss run through the ``kernels`` API (``kernels.causal_attention``,
-``kernels.layer_norm``, ``kernels.linear_cross_entropy``), so the same model runs on the pure-PyTorch
+``kernels.layer_norm``, ``kernels.add_layer_norm``, ``kernels.linear_cross_entropy``), so the same model runs on the pure-PyTorch
 reference on a laptop and on the Triton/CUDA kernels on a GPU.  Module and parameter names match
 nanoGPT and Hugging Face's ``GPT2LMHeadModel`` (``transformer.h.0.attn.c_attn.weight`` ...), which
 is what lets ``GPT.from_pretrained`` / ``save_pretrained`` (``llm/hf.py``) read and write
@@ -152,6 +152,10 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.layer_norm(x, self.weight, self.bias, self.eps)  # (..., C)
 
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(x + residual), x + residual)`` as one fused op (``kernels.add_layer_norm``)."""
+        return kernels.add_layer_norm(x, residual, self.weight, self.bias, self.eps)  # (..., C) each
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention: one Linear makes q, k, v for all heads, one projects back.
@@ -210,9 +214,11 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache)  # (B, T, C)
-        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
-        return x
+        a = self.attn(self.ln_1(x), kv_cache)  # (B, T, C)
+        # x = x + a; h = ln_2(x) -- fused, so x and a are read once.  Under autocast a comes out of the
+        # projection in bf16 while the residual stream x stays fp32: add in fp32, as `x + a` would.
+        h, x = self.ln_2.add_forward(a.to(x.dtype), x)  # (B, T, C) each
+        return x + self.mlp(h)  # (B, T, C)
 
 
 class GPT(nn.Module):
