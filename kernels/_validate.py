@@ -109,8 +109,9 @@ def _check_targets(op: str, targets, lead_shape: torch.Size, V: int, ignore_inde
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
     # Checking values needs the data on the host; on a GPU that is a sync per call, so it is done on
-    # CPU tensors only (out-of-range targets on a GPU trip the kernels' own bounds masks instead).
-    if targets.device.type == "cpu" and targets.numel() > 0:
+    # CPU tensors only (out-of-range targets on a GPU trip the kernels' own bounds masks instead), and
+    # not while torch.compile traces (a data-dependent branch would break the graph).
+    if targets.device.type == "cpu" and targets.numel() > 0 and not torch.compiler.is_compiling():
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
         if bool(bad.any()):
             pos = int(bad.flatten().nonzero()[0])

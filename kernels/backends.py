@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -102,12 +101,22 @@ def register(backend_name: str, op: str) -> Callable[[Callable], Callable]:
     return decorator
 
 
-@functools.cache
+_load_reasons: dict[str, str | None] = {}
+
+
 def _load_backend(name: str) -> str | None:
     """Import the backend's modules so they can register; return why it cannot run, or None.
 
     Cached: an import that failed once (e.g. no extension built) is not retried on every op call.
+    (A plain dict, not functools.cache, so torch.compile reads the cached answer instead of tracing
+    the imports again.)
     """
+    if name not in _load_reasons:
+        _load_reasons[name] = _import_backend(name)
+    return _load_reasons[name]
+
+
+def _import_backend(name: str) -> str | None:
     if name == "torch":
         from . import _torch_backend  # noqa: F401  (registers the reference)
         return None

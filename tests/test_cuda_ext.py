@@ -407,3 +407,31 @@ def test_gpu_add_layer_norm_low_precision_within_twice_torch_error(dtype, C):
         atol = (2e-3 if dtype == torch.float16 else 1e-2) * max(scale, 1.0)
         err, err_pt = _max_err(o, rf), _max_err(p, rf)
         assert err <= 2 * err_pt + atol, f"{name}: our max error {err:.3g} vs PyTorch's {err_pt:.3g} (atol {atol:.3g})"
+
+
+@pytest.mark.parametrize("name", ["cuda", "torch"])
+def test_gpt_compiles_as_one_graph(name):
+    """The whole GPT -- attention, both LayerNorms, the fused head + loss -- traces without a graph break.
+
+    aot_eager runs the traced forward and backward graphs as they are (no code generation), so this
+    checks the fake implementations and autograd registrations at model scale in a few seconds.
+    """
+    from llm.model import GPT, GPTConfig
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    idx = torch.randint(0, 97, (2, 19))
+    targets = idx.clone()
+    targets[0, :4] = -100
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with kernels.backend(name):
+        _, loss = compiled(idx, targets)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        _, eager_loss = model(idx, targets)
+        eager_loss.backward()
+    torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad of {n}: {m}")
