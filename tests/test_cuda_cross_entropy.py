@@ -10,10 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-try:
-    import kernels._C  # noqa: F401
-except ImportError as exc:  # pragma: no cover - depends on the build
-    pytest.skip(f"kernels._C is not built ({exc}); run `pip install -e . --no-build-isolation`", allow_module_level=True)
+pytest.importorskip("kernels._C", reason="kernels._C is not built; run `pip install -e . --no-build-isolation`")
 
 import kernels
 from kernels import _cuda_backend, backends, reference

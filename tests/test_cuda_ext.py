@@ -9,10 +9,7 @@ import time
 import pytest
 import torch
 
-try:
-    import kernels._C
-except ImportError as exc:  # pragma: no cover - depends on the build
-    pytest.skip(f"kernels._C is not built ({exc}); run `pip install -e . --no-build-isolation`", allow_module_level=True)
+pytest.importorskip("kernels._C", reason="kernels._C is not built; run `pip install -e . --no-build-isolation`")
 
 import kernels
 from kernels import _cuda_backend, backends, reference
