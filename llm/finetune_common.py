@@ -83,7 +83,7 @@ class FinetuneConfig:
     seed: int = _opt(123, "seed of the model init (presets), data order and dropout")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 elsewhere), float32 or bfloat16")
-    kernels: str = _opt("auto", "kernels backend: auto, torch, triton or cuda")
+    kernels: str = _opt("auto", "kernels backend: auto, torch (reference), pytorch (PyTorch's own ops), triton or cuda")
 
     def validate(self) -> None:
         given = [n for n in ("checkpoint", "hf_model", "preset") if getattr(self, n) is not None]
