@@ -116,7 +116,7 @@ def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id,
                 # Prefill, no cache, or a full cache: run the (cropped) context from scratch.
                 context = seq[:, -block_size:]  # (B, <= block_size)
                 use = cache if cache is not None and step == 0 else None
-                logits, _ = model(context, kv_cache=use)  # (B, T', V)
+                logits, _ = model(context, kv_cache=use, last_only=True)  # (B, 1, V)
             else:
                 logits, _ = model(seq[:, -1:], kv_cache=cache)  # (B, 1, V): only the newest token
             next_token = sample_next(

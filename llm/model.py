@@ -285,6 +285,7 @@ class GPT(nn.Module):
         ignore_index: int = -100,
         kv_cache: KVCache | None = None,
         return_logits: bool | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) int64 token ids -> (logits (B, T, V) or None, loss scalar or None).
 
@@ -292,7 +293,9 @@ class GPT(nn.Module):
         states against the LM head weight (the fused kernel never builds the (B*T, V) logits), and
         logits are only computed when ``return_logits=True``.  Without targets, logits are returned
         unless ``return_logits=False``.  With ``kv_cache`` the T tokens continue the cached ones:
-        their positions start at ``kv_cache.length`` and the cache grows by T.
+        their positions start at ``kv_cache.length`` and the cache grows by T.  ``last_only=True``
+        computes the logits of the last position only, (B, 1, V): all that sampling the next token
+        needs, without a (B, T, V) tensor (200 MB for T = 1024 in fp32).
         """
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"idx must be (B, T) token ids with T >= 1, got shape {tuple(idx.shape)}")
@@ -317,7 +320,10 @@ class GPT(nn.Module):
 
         if return_logits is None:
             return_logits = targets is None
-        logits = self.lm_head(x) if return_logits else None  # (B, T, V)
+        if return_logits:
+            logits = self.lm_head(x[:, -1:, :] if last_only else x)  # (B, 1, V) or (B, T, V)
+        else:
+            logits = None
         loss = None
         if targets is not None:
             if targets.shape != idx.shape:

@@ -150,6 +150,17 @@ def test_forward_shapes_and_loss_at_init():
     assert loss.item() == pytest.approx(math.log(50257), abs=0.1)
 
 
+def test_last_only_gives_the_last_positions_logits():
+    torch.manual_seed(0)
+    model = GPT(small_config()).eval()
+    idx = torch.randint(0, V_SMALL, (2, 9))
+    with torch.no_grad():
+        full, _ = model(idx)
+        last, _ = model(idx, last_only=True)
+    assert full.shape == (2, 9, V_SMALL) and last.shape == (2, 1, V_SMALL)
+    torch.testing.assert_close(last, full[:, -1:, :], atol=1e-6, rtol=1e-6)
+
+
 def test_loss_equals_log_softmax_of_logits():
     torch.manual_seed(0)
     model = GPT(small_config())
