@@ -8,6 +8,8 @@
 # Every phase appends its log to $OUT/<phase>.log and writes its CSV/MD/PNG files into $OUT, which
 # are then committed under bench/results/.  Phases run in the order given; a failing phase is
 # reported and the next one still runs (the exit status says whether any failed).
+# The convergence phase trains on tinyshakespeare: on a machine without internet set LLM_DATA_DIR
+# and TIKTOKEN_CACHE_DIR to folders holding the corpus and the GPT-2 BPE files (see README, Offline).
 set -u
 OUT=${OUT:-bench/results/session}
 PY=${PYTHON:-python3}
