@@ -143,12 +143,22 @@ def _import_backend(name: str) -> str | None:
     raise AssertionError(name)
 
 
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter, read as Triton itself reads TRITON_INTERPRET
+    ("1", "true", "on", "yes", any case), now."""
+    try:
+        from triton import knobs
+    except ImportError:  # no triton (or one without knobs): the same parsing by hand
+        return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes", "y")
+    return bool(knobs.runtime.interpret)
+
+
 def unavailable_reason(name: str, op: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot run ``op`` on ``device``, or None when it can."""
     reason = _load_backend(name)
     if reason:
         return reason
-    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if name == "triton" and device.type != "cuda" and not triton_interpreting():
         return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run them on the CPU), got tensors on {device}"
     if op not in _IMPLS[name]:
         return f"this version of the package has no {name} implementation of {op}"

@@ -76,6 +76,19 @@ def test_available_backends_reports_reasons(monkeypatch):
     assert kernels.available_backends("cpu")["triton"] is None  # the interpreter runs every op on the CPU
 
 
+@pytest.mark.parametrize("value,on", [("1", True), ("true", True), ("TRUE", True), ("on", True), ("yes", True),
+                                      ("0", False), ("false", False), ("off", False), ("", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
+    """Not only "1": whatever Triton takes as its interpreter switch runs the Triton kernels on the CPU."""
+    pytest.importorskip("triton")
+    from triton import knobs
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert backends.triton_interpreting() is on is bool(knobs.runtime.interpret)
+    reason = kernels.available_backends("cpu")["triton"]
+    assert (reason is None) if on else ("CUDA tensors" in reason)
+
+
 def test_set_backend_persists_until_reset_and_none_returns_to_the_env(monkeypatch):
     monkeypatch.setenv("LLM_KERNELS", "torch")
     try:
