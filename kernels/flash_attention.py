@@ -4,7 +4,7 @@ Algorithm (Dao, "FlashAttention-2", 2023).  Shapes: q (B, H, Tq, D), k/v (B, H, 
 causal mask is aligned bottom-right, so query i sees keys j <= i + OFFSET with OFFSET = Tk - Tq (the
 same kernel serves training, Tq == Tk, and KV-cache decoding, Tq < Tk).
 
-* Forward, one program per (BLOCK_M queries, batch*head): keep the query tile in registers and stream
+* Forward, one program per (batch*head, BLOCK_M queries): keep the query tile in registers and stream
   the key/value tiles through it with the online softmax: running row max m, running sum l, unnormalized
   accumulator acc (all fp32).  Per key tile: s = q k^T * scale*log2(e) (log2e folded into the scale so
   the kernel uses exp2), m' = max(m, rowmax s), p = exp2(s - m'), l = l*exp2(m - m') + rowsum p,
@@ -31,9 +31,14 @@ Head dims 16..256 (padded to a power of two >= 16 with masks, e.g. 80 -> 128); a
 q/k/v may be strided views (e.g. slices of a fused (B, T, 3, H, D) QKV projection) as long as the
 last dim is contiguous (otherwise they are copied).  The (batch, head) base offsets are 64-bit, so
 B*H*T*D may exceed 2^31; offsets inside one (batch, head) slice (T * stride_t) must stay below 2^31.
+Grid: batch*head on axis 0 (CUDA allows 2^31 - 1 blocks there, so large-batch decoding launches; axes 1
+and 2 stop at 65,535) and the tiles of T on axis 1 (so T <= 65,535 * BLOCK, over a million tokens).
+Query tiles are started last-first: under the causal mask the last tiles do the most work.
 Limits: float64 and D > 256 fall back to the reference implementation; no dropout, no GQA.
-On a GPU the tile sizes are autotuned per (power-of-two bucket of T, padded D, dtype); under
-TRITON_INTERPRET=1 (CPU) one small fixed configuration is used so the tests stay fast.
+On a GPU the tiles are autotuned over the per-head-dim lists of kernels/_attention_tiles.py (each
+proven in CI to compile for sm_80/sm_90 without spills: tests/test_triton_compile.py), keyed on the
+power-of-two bucket of the tiled length clamped to [16, 16384], the head dim and the dtype; under
+TRITON_INTERPRET (CPU) one small fixed configuration is used so the tests stay fast.
 """
 from __future__ import annotations
 
@@ -44,44 +49,41 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from .backends import register
+from . import _attention_tiles, reference
+from .backends import register, triton_interpreting
 
 # Triton decides interpreter-or-compiler when a kernel is decorated (at import of this module).
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = triton_interpreting()
 LOG2E = 1.4426950408889634
 
 
-def _prune(configs, nargs, **kwargs):
-    """fp32 with a wide head: only small tiles fit in shared memory (and compiling the rest is slow)."""
-    if nargs["Q"].element_size() >= 4 and kwargs.get("BLOCK_D", 0) >= 128:
-        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048] or configs[-1:]
-    return configs
-
-
-def _tuned(configs: list, key: list[str]):
-    """Autotune on the GPU (configs that run out of shared memory are skipped by the autotuner); in the
-    interpreter the launch passes one fixed config instead."""
+def _tuned(kernel: str, key: list[str]):
+    """Autotune on the GPU over the tiles of kernels/_attention_tiles.py, pruned per launch to the list
+    for its dot kind and head dim; in the interpreter the launch passes one fixed config instead."""
     def wrap(fn):
         if INTERPRET:
             return fn
-        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})(fn)
+        prune = _attention_tiles.pruner(kernel, key[0], fn)
+        return triton.autotune(configs=_attention_tiles.configs(kernel), key=key,
+                               prune_configs_by={"early_config_prune": prune})(fn)
     return wrap
 
 
-def _cfgs(pairs):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
-
-
-# (BLOCK_M queries, BLOCK_N keys, warps, stages); the last, smallest one fits everywhere
-_FWD_CONFIGS = _cfgs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4),
-                      (64, 32, 4, 2), (32, 32, 4, 1)])
-_DQ_CONFIGS = _cfgs([(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (32, 64, 4, 2), (32, 32, 4, 1)])
-_DKDV_CONFIGS = _cfgs([(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2),
-                       (16, 32, 4, 1)])
 _INTERP_FWD = {"BLOCK_M": 32, "BLOCK_N": 16}  # unequal tiles exercise the diagonal-split logic
 _INTERP_DKDV = {"BLOCK_M": 16, "BLOCK_N": 32}
-_TUNE_KEY = ["TUNE_T", "D"]  # the autotuner appends the tensors' dtypes itself
+# Tuning keys (the autotuner appends the tensors' dtypes itself): the forward and dQ kernels tile the
+# queries, dK/dV the keys, so each is keyed on the bucket of its own length.  Buckets are powers of two
+# clamped to [16, 16384] (_tune_bucket): decoding (Tq = 1 while Tk grows by one per token) stays in one
+# bucket and is tuned once, and no run tunes more than 11 times per kernel, head dim and dtype.
+_TUNE_MIN, _TUNE_MAX = 16, 16384
+
+
+@triton.jit
+def _heavy_first(BLOCK: tl.constexpr):
+    """First row of this program's query tile, counted from the end: grid axis 1 enumerates the tiles,
+    and the last tiles (which see the most keys under the causal mask) are started first, so the
+    light ones fill in the tail of the launch."""
+    return (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK
 
 
 @triton.jit
@@ -103,14 +105,14 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start_n, o
     return acc, l_i, m_new
 
 
-@_tuned(_FWD_CONFIGS, _TUNE_KEY)
+@_tuned("fwd", ["TUNE_TQ", "D"])
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-                H, TQ, TK, D: tl.constexpr, TUNE_T,
+                H, TQ, TK, D: tl.constexpr, TUNE_TQ,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    off_bh = tl.program_id(0)
+    start_m = _heavy_first(BLOCK_M)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     q_base = Q + off_b * sqb + off_h * sqh
@@ -145,8 +147,8 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
 @triton.jit
 def _bwd_preprocess(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, H, TQ, D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    off_bh = tl.program_id(1)
+    off_bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -179,15 +181,15 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, st
     return dk, dv
 
 
-@_tuned(_DKDV_CONFIGS, _TUNE_KEY)
+@_tuned("dkdv", ["TUNE_TK", "D"])
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, qk_scale,
                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
                      sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
-                     H, TQ, TK, D: tl.constexpr, TUNE_T,
+                     H, TQ, TK, D: tl.constexpr, TUNE_TK,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_N
-    off_bh = tl.program_id(1)
+    off_bh = tl.program_id(0)
+    start_n = tl.program_id(1) * BLOCK_N  # the first key tiles see the most queries: they start first
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     OFFSET = TK - TQ
@@ -238,14 +240,14 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, skt, svt, start_n, offs_m, 
     return dq
 
 
-@_tuned(_DQ_CONFIGS, _TUNE_KEY)
+@_tuned("dq", ["TUNE_TQ", "D"])
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, qk_scale,
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sdqb, sdqh, sdqt,
-                   H, TQ, TK, D: tl.constexpr, TUNE_T,
+                   H, TQ, TK, D: tl.constexpr, TUNE_TQ,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    off_bh = tl.program_id(0)
+    start_m = _heavy_first(BLOCK_M)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     OFFSET = TK - TQ
@@ -284,22 +286,33 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _dot_precision(q: torch.Tensor) -> str:
+    """fp32 dots in IEEE fp32, or TF32 where PyTorch's own fp32 matmuls use it (allow_tf32)."""
+    if q.dtype == torch.float32 and q.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
 def _meta(q: torch.Tensor, k: torch.Tensor) -> dict:
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    prec = "ieee"
-    if q.dtype == torch.float32 and q.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        prec = "tf32"
+    prec = _dot_precision(q)
     block_d = max(16, triton.next_power_of_2(D))
-    # autotune once per power-of-two bucket of the sequence, not once per decoding step
     return {"B": B, "H": H, "Tq": Tq, "Tk": Tk, "D": D, "BLOCK_D": block_d, "PREC": prec,
-            "TUNE_T": triton.next_power_of_2(Tk)}
+            "TUNE_TQ": _tune_bucket(Tq), "TUNE_TK": _tune_bucket(Tk)}
+
+
+def _tune_bucket(T: int) -> int:
+    """The autotuning bucket of a sequence length: a power of two in [_TUNE_MIN, _TUNE_MAX]."""
+    return min(max(triton.next_power_of_2(T), _TUNE_MIN), _TUNE_MAX)
 
 
 def _grid(T: int, BH: int, block: str, fixed: dict):
+    """(batch*head, tiles of T): B*H on axis 0, whose cap is 2^31 - 1 blocks (axes 1 and 2 stop at 65,535),
+    so large-batch decoding launches; T / BLOCK tiles on axis 1 (T up to 65,535 * 16 = 1M tokens)."""
     if INTERPRET:
-        return (triton.cdiv(T, fixed[block]), BH)
-    return lambda meta: (triton.cdiv(T, meta[block]), BH)
+        return (BH, triton.cdiv(T, fixed[block]))
+    return lambda meta: (BH, triton.cdiv(T, meta[block]))
 
 
 def _forward(q, k, v, sm_scale: float):
@@ -309,7 +322,7 @@ def _forward(q, k, v, sm_scale: float):
     fixed = _INTERP_FWD if INTERPRET else {}
     _fwd_kernel[_grid(m["Tq"], m["B"] * m["H"], "BLOCK_M", fixed)](
         q, k, v, o, lse, sm_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        m["H"], m["Tq"], m["Tk"], m["D"], m["TUNE_T"], BLOCK_D=m["BLOCK_D"], PREC=m["PREC"], **fixed)
+        m["H"], m["Tq"], m["Tk"], m["D"], m["TUNE_TQ"], BLOCK_D=m["BLOCK_D"], PREC=m["PREC"], **fixed)
     return o, lse
 
 
@@ -318,22 +331,22 @@ def _backward(q, k, v, o, lse, do, sm_scale: float):
     BH = m["B"] * m["H"]
     do = _last_dim_contiguous(do)
     delta = torch.empty_like(lse)
-    _bwd_preprocess[(triton.cdiv(m["Tq"], 64), BH)](
+    _bwd_preprocess[(BH, triton.cdiv(m["Tq"], 64))](
         o, do, delta, *_strides(o), *_strides(do), m["H"], m["Tq"], m["D"], BLOCK_M=64, BLOCK_D=m["BLOCK_D"])
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    common = (m["H"], m["Tq"], m["Tk"], m["D"], m["TUNE_T"])
+    common = (m["H"], m["Tq"], m["Tk"], m["D"])
     fixed = _INTERP_DKDV if INTERPRET else {}
     _bwd_dkdv_kernel[_grid(m["Tk"], BH, "BLOCK_N", fixed)](
         q, k, v, do, lse, delta, dk, dv, sm_scale, sm_scale * LOG2E,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        *common, BLOCK_D=m["BLOCK_D"], PREC=m["PREC"], **fixed)
+        *common, m["TUNE_TK"], BLOCK_D=m["BLOCK_D"], PREC=m["PREC"], **fixed)
     fixed = _INTERP_FWD if INTERPRET else {}
     _bwd_dq_kernel[_grid(m["Tq"], BH, "BLOCK_M", fixed)](
         q, k, v, do, lse, delta, dq, sm_scale, sm_scale * LOG2E,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        *common, BLOCK_D=m["BLOCK_D"], PREC=m["PREC"], **fixed)
+        *common, m["TUNE_TQ"], BLOCK_D=m["BLOCK_D"], PREC=m["PREC"], **fixed)
     return dq, dk, dv
 
 

@@ -126,39 +126,15 @@ def test_dispatch_through_the_public_api():
 
 
 # ------------------------------------------------------------------------------------------- GPU only
-
-
-def _sdpa(q, k, v, scale=None):
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+# (fp16/bf16 at real sizes against the fp32 reference, within 2x PyTorch's own error: tests/test_lowp.py)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("T,D", [(1024, 64), (1024, 128), (4096, 64), (4096, 128), (1000, 80)])
-def test_gpu_low_precision_error_within_2x_of_pytorch(dtype, T, D):
-    """Our error vs the fp32 reference is at most 2x PyTorch SDPA's own error in the same dtype (+ atol)."""
-    q, k, v, do = _inputs(2, 4, T, T, D, dtype)
-    exact = _run(reference.causal_attention, *(t.float() for t in (q, k, v, do)))
-    ours = _run(fa.causal_attention, q, k, v, do)
-    torch_same_dtype = _run(_sdpa, q, k, v, do)
-    atol = 1e-3 if dtype == torch.float16 else 8e-3
-    for name, a, b, e in zip(("out", "dq", "dk", "dv"), ours, torch_same_dtype, exact):
-        ours_err = (a.float() - e).abs().max().item()
-        torch_err = (b.float() - e).abs().max().item()
-        assert ours_err <= 2 * torch_err + atol, f"{name}: ours {ours_err:.2e} vs torch {torch_err:.2e}"
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_decoding_low_precision(dtype):
-    q, k, v, do = _inputs(2, 4, 7, 2048, 128, dtype)
-    exact = _run(reference.causal_attention, *(t.float() for t in (q, k, v, do)))
-    ours = _run(fa.causal_attention, q, k, v, do)
-    same_dtype = _run(reference.causal_attention, q, k, v, do)  # fp32 math, rounded to dtype at the end
-    for name, a, b, e in zip(("out", "dq", "dk", "dv"), ours, same_dtype, exact):
-        ours_err = (a.float() - e).abs().max().item()
-        ref_err = (b.float() - e).abs().max().item()
-        assert ours_err <= 2 * ref_err + 1e-2, f"{name}: ours {ours_err:.2e} vs rounded reference {ref_err:.2e}"
+def test_gpu_decoding_a_batch_of_more_than_65535_heads():
+    """B*H = 70,000 programs: more than CUDA allows on grid axis 1, fine on axis 0 where they now are."""
+    q, k, v, _ = _inputs(1000, 70, 1, 64, 64, torch.bfloat16)
+    out = fa.causal_attention(q, k, v)
+    torch.testing.assert_close(out.float(), reference.causal_attention(q, k, v).float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
