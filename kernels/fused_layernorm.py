@@ -13,6 +13,10 @@
 #   dB += dy in fp32 registers; at the end each program writes one partial row into a (P, C) fp32
 #   buffer, and torch.sum over P finishes the reduction.  No atomics, deterministic, and the
 #   partials are tiny (P*C*4 bytes) next to the M*C activations.
+#   Rows wider than SPLIT_C = 8192: x, dy, w and the two accumulators no longer fit in registers
+#   (ptxas spills), so two kernels share the work: one program per row computes dx in 4096-wide
+#   chunks, in two passes (the sums mean(g*x_hat), mean(g) first, then dx), and a 2-D grid of
+#   (row group, 1024-column block) programs sums the dW/dB partials.
 #
 # VJP (per row; x_hat = (x - mu) * r, r = (var + eps)^-1/2, y = x_hat * w + b, g = dy * w)
 #   d x_hat_j / d x_i = r * (delta_ij - 1/C - x_hat_i * x_hat_j / C)
@@ -28,12 +32,16 @@
 # mean/rstd are noise):
 #   layer_norm      fwd: read x, write y                     = 2*M*C*b
 #                   bwd: read x, dy, write dx                = 3*M*C*b (+ 2*P*C*4 partials, twice)
+#                        C > SPLIT_C: x, dy read twice more   = 5*M*C*b (the dx kernel's second pass
+#                        mostly hits L2; the dW/dB kernel reads x and dy again)
 #   add_layer_norm  fwd: read x, r, write s, y               = 4*M*C*b (unfused add + LN: 5*M*C*b)
 #                   bwd: read s, dy, ds, write dx (shared)   = 4*M*C*b (unfused: 6*M*C*b)
 #
 # Limits
-#   * C <= 16384 (MAX_C): a row lives in registers.  Wider rows are routed to kernels.reference
-#     (correct, autograd through PyTorch, just not fused).
+#   * C <= 16384 (MAX_C): the forward holds a row in registers.  Wider rows, and float64 rows wider
+#     than 4096 (MAX_C_FP64: they spill), are routed to kernels.reference (correct, autograd through
+#     PyTorch, just not fused).  Every launch at C in {768, 4096, 16384} (and 12288) compiles for
+#     sm_80/sm_90 without a spilled register: tests/test_triton_compile.py.
 #   * Inputs: any row stride is handled (x.reshape(-1, C) is a view where possible and its row
 #     stride is passed to the kernel); a last dim that is not unit-stride is made contiguous, as are
 #     strided weight/bias (a no-op for the usual contiguous parameters).
@@ -52,6 +60,15 @@ from . import reference
 from .backends import register
 
 MAX_C = 16384
+# Above SPLIT_C the fused backward (a row per loop step, the dW/dB accumulators in registers) spills:
+# five rows of 8192+ values (x, dy, w, dW, dB) do not fit.  Wider rows take two kernels instead: dx one
+# row per program in WIDE_BLOCK_C-wide chunks, and dW/dB summed over DWDB_BLOCK_C-wide column blocks.
+SPLIT_C = 8192
+WIDE_BLOCK_C = 4096
+DWDB_BLOCK_C = 1024
+# float64 rows wider than this spill (twice the registers per value: the fused backward at 8192, the
+# forward from 12288): they run on kernels.reference (fp64 is for checking numbers, not for speed).
+MAX_C_FP64 = 4096
 
 
 @triton.jit
@@ -125,6 +142,66 @@ def _ln_bwd_kernel(
     tl.store(DBp + part + cols, db, mask=mask)
 
 
+@triton.jit
+def _ln_bwd_wide_kernel(
+    X, DY, DS, DX, W, Mean, Rstd, stride_x, stride_dy, stride_ds, C,
+    HAS_DS: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dx of one row wider than SPLIT_C, BLOCK_C columns at a time in two passes: the row's two sums
+    first, then dx (x, dy and w read twice, the second time mostly from L2); registers hold one chunk."""
+    row = tl.program_id(0).to(tl.int64)
+    mean = tl.load(Mean + row)
+    rstd = tl.load(Rstd + row)
+    s1 = tl.sum(_up(tl.zeros([BLOCK_C], dtype=tl.float32), IS_FP64), axis=0)  # sum(dy*w*x_hat), 0 of the acc dtype
+    s2 = s1  # sum(dy*w)
+    for start in range(0, C, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        mask = cols < C
+        x = _up(tl.load(X + row * stride_x + cols, mask=mask, other=0.0), IS_FP64)
+        g = _up(tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0), IS_FP64) * _up(
+            tl.load(W + cols, mask=mask, other=0.0), IS_FP64)
+        s1 += tl.sum(g * tl.where(mask, (x - mean) * rstd, 0.0), axis=0)
+        s2 += tl.sum(g, axis=0)
+    c1 = s1 / C
+    c2 = s2 / C
+    for start in range(0, C, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        mask = cols < C
+        x_hat = (_up(tl.load(X + row * stride_x + cols, mask=mask, other=0.0), IS_FP64) - mean) * rstd
+        g = _up(tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0), IS_FP64) * _up(
+            tl.load(W + cols, mask=mask, other=0.0), IS_FP64)
+        dx = (g - (x_hat * c1 + c2)) * rstd
+        if HAS_DS:
+            dx += _up(tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0), IS_FP64)
+        tl.store(DX + row * C + cols, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ln_bwd_dwdb_kernel(
+    X, DY, Mean, Rstd, DWp, DBp, stride_x, stride_dy, M, C, rows_per_prog,
+    IS_FP64: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dW/dB partials of wide rows: program (p, j) sums dy * x_hat and dy over row group p, columns
+    block j (the row kernel then holds only x, dy and w, and does not spill at 16384 wide)."""
+    pid = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = cols < C
+    dw = _up(tl.zeros([BLOCK_C], dtype=tl.float32), IS_FP64)
+    db = _up(tl.zeros([BLOCK_C], dtype=tl.float32), IS_FP64)
+    row_start = pid * rows_per_prog
+    n_rows = tl.minimum(rows_per_prog, M - row_start)
+    for i in range(n_rows):
+        r64 = row_start.to(tl.int64) + i
+        x = _up(tl.load(X + r64 * stride_x + cols, mask=mask, other=0.0), IS_FP64)
+        dy = _up(tl.load(DY + r64 * stride_dy + cols, mask=mask, other=0.0), IS_FP64)
+        x_hat = tl.where(mask, (x - tl.load(Mean + r64)) * tl.load(Rstd + r64), 0.0)
+        dw += dy * x_hat
+        db += dy
+    part = pid.to(tl.int64) * C
+    tl.store(DWp + part + cols, dw, mask=mask)
+    tl.store(DBp + part + cols, db, mask=mask)
+
+
 def _rows(t: torch.Tensor, C: int) -> torch.Tensor:
     """(..., C) -> (M, C) view with unit column stride (copies only when no such view exists)."""
     t2 = t.reshape(-1, C)
@@ -191,13 +268,22 @@ def _backward(xn, dy, ds, weight, bias, mean, rstd):
     P = triton.cdiv(M, rows_per_prog) if M > 0 else 1
     dw_part = torch.zeros((P, C), dtype=mean.dtype, device=xn.device)
     db_part = torch.zeros((P, C), dtype=mean.dtype, device=xn.device)
-    if M > 0:
+    fp64 = mean.dtype == torch.float64
+    if M > 0 and C <= SPLIT_C:
         block_c, num_warps = _config(C)
         _ln_bwd_kernel[(P,)](
             xn, dy2, ds2, dx, weight, mean, rstd, dw_part, db_part,
             xn.stride(0), dy2.stride(0), ds2.stride(0), M, C, rows_per_prog,
-            HAS_DS=ds is not None, IS_FP64=mean.dtype == torch.float64, BLOCK_C=block_c,
-            num_warps=num_warps,
+            HAS_DS=ds is not None, IS_FP64=fp64, BLOCK_C=block_c, num_warps=num_warps,
+        )
+    elif M > 0:  # wide rows: dx row by row in chunks, then dW/dB by column blocks
+        _ln_bwd_wide_kernel[(M,)](
+            xn, dy2, ds2, dx, weight, mean, rstd, xn.stride(0), dy2.stride(0), ds2.stride(0), C,
+            HAS_DS=ds is not None, IS_FP64=fp64, BLOCK_C=WIDE_BLOCK_C, num_warps=8,
+        )
+        _ln_bwd_dwdb_kernel[(P, triton.cdiv(C, DWDB_BLOCK_C))](
+            xn, dy2, mean, rstd, dw_part, db_part, xn.stride(0), dy2.stride(0), M, C, rows_per_prog,
+            IS_FP64=fp64, BLOCK_C=DWDB_BLOCK_C, num_warps=4,
         )
     return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype)
 
@@ -242,10 +328,15 @@ class _AddLayerNormFn(torch.autograd.Function):
         )
 
 
+def _too_wide(x: torch.Tensor) -> bool:
+    """Rows the kernels do not take (a row's forward lives in registers): to the reference instead."""
+    return x.shape[-1] > (MAX_C_FP64 if x.dtype == torch.float64 else MAX_C)
+
+
 @register("triton", "layer_norm")
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Fused LayerNorm over the last dim (see the header); inputs already validated by the API."""
-    if x.shape[-1] > MAX_C:
+    if _too_wide(x):
         return reference.layer_norm(x, weight, bias, eps)
     return _LayerNormFn.apply(x, weight, bias, float(eps))
 
@@ -255,6 +346,6 @@ def add_layer_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused ``(layer_norm(x + residual), x + residual)``, both in x's dtype (see the header)."""
-    if x.shape[-1] > MAX_C:
+    if _too_wide(x):
         return reference.add_layer_norm(x, residual, weight, bias, eps)
     return _AddLayerNormFn.apply(x, residual, weight, bias, float(eps))
