@@ -18,8 +18,8 @@ the "cuda" backend (kernels/_cuda_backend.py).
 
 Like every backend, it computes in its inputs' dtype whatever autocast says (the model casts hidden
 and weight to the autocast dtype itself), and returns gradients in the inputs' dtypes.  On CUDA the
-fp16/bf16 dlogits^T @ h product comes out in fp32 via ``torch.mm(out_dtype=)``; on the CPU (or a torch
-without mm's out_dtype) it is rounded to the input dtype before the fp32 sum.
+fp16/bf16 dlogits^T @ h product is accumulated in fp32, in place, by ``torch.addmm(out_dtype=, out=)``;
+on the CPU (no such op there) it is rounded to the input dtype before the fp32 sum.
 """
 from __future__ import annotations
 
@@ -95,21 +95,32 @@ def fused_linear_cross_entropy(
     return loss_sum * scale, grad_h, grad_w
 
 
-_MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=fp32) works here (CUDA, recent torch); cleared on failure
+# Device types on which torch.addmm(..., out_dtype=fp32, out=acc) runs (CUDA and meta in torch 2.11+;
+# not the CPU), learned on first use: the fp16/bf16 product is then accumulated into the fp32 grad_w in
+# place, with no temporary.
+_ADDMM_OUT_DTYPE: dict[str, bool] = {}
 
 
 def _add_weight_grad(grad_w: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
-    """grad_w (fp32 or fp64) += dlogits^T @ h, the fp16/bf16 product kept in fp32 where torch can."""
-    global _MM_OUT_DTYPE
+    """grad_w (fp32 or fp64) += dlogits^T @ h, in place: no (V, C) temporary per chunk.
+
+    fp32/fp64 inputs: ``addmm_``.  fp16/bf16 inputs: ``torch.addmm(grad_w, dlogits^T, h,
+    out_dtype=fp32, out=grad_w)`` (the low-precision product is kept in fp32 and summed into grad_w by
+    the matmul itself) where the device has that op; elsewhere (the CPU) the product is rounded to
+    fp16/bf16 before the fp32 sum.  (``grad_w += torch.mm(..., out_dtype=fp32)`` would allocate and
+    then re-read a (V, C) fp32 temporary per chunk: ~11 GB of extra traffic for GPT-2 at 16k tokens.)
+    """
     if dlogits.dtype == grad_w.dtype:
         grad_w.addmm_(dlogits.t(), h)
         return
-    if dlogits.is_cuda and _MM_OUT_DTYPE:
+    kind = dlogits.device.type
+    if _ADDMM_OUT_DTYPE.get(kind, True):
         try:
-            grad_w += torch.mm(dlogits.t(), h, out_dtype=torch.float32)
+            torch.addmm(grad_w, dlogits.t(), h, out_dtype=grad_w.dtype, out=grad_w)
+            _ADDMM_OUT_DTYPE[kind] = True
             return
         except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE = False
+            _ADDMM_OUT_DTYPE[kind] = False
     grad_w += dlogits.t() @ h  # product rounded to fp16/bf16 (fp32 inside the matmul), summed in fp32
 
 
