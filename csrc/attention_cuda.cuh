@@ -154,6 +154,17 @@ constexpr size_t dq_smem() {
   return (2 * kBlockM + 2 * kBlockN) * (D + kPad) * sizeof(uint16_t);
 }
 
+// The dynamic shared memory every launch asks for must fit the smallest opt-in limit among the archs
+// built for: 163 KiB per block on sm_80 (A100; sm_90 allows 227 KiB).  ptxas cannot see dynamic shared
+// memory, so it is checked here, at compile time; registers, spills and static shared memory are read
+// from the built library by tests/test_cuda_resources.py.
+constexpr size_t kMaxSmemOptinSm80 = 166912;
+template <int D>
+constexpr bool fits_sm80() {
+  return fwd_smem<D>() <= kMaxSmemOptinSm80 && dkdv_smem<D>() <= kMaxSmemOptinSm80 && dq_smem<D>() <= kMaxSmemOptinSm80;
+}
+static_assert(fits_sm80<64>() && fits_sm80<128>(), "an attention kernel's dynamic shared memory exceeds sm_80's 163 KiB");
+
 // More than 48 KiB of dynamic shared memory must be opted into, per kernel (sm_80: up to 163 KiB).
 template <typename Kernel>
 void allow_smem(Kernel kernel, size_t bytes) {

@@ -1,0 +1,100 @@
+"""The extension's CUDA kernels as built, read from the library itself (no GPU needed).
+
+``cuobjdump --dump-resource-usage`` lists each kernel's registers, stack frame, local and static shared
+memory for every arch in the fat binary; ``cuobjdump --dump-sass`` gives the machine code.  For every
+arch built (sm_80 and sm_90 by default): no kernel spills (a spill needs a stack frame / local memory),
+static shared memory stays within the 48 KiB a block gets without opting in (the dynamic shared memory
+the launchers request is checked at compile time: static_asserts in csrc/attention_cuda.cuh), and the
+attention kernels multiply on the tensor cores (HMMA instructions in their SASS).
+"""
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+_C = pytest.importorskip("kernels._C", reason="kernels._C is not built; run `pip install -e . --no-build-isolation`")
+
+STATIC_SHARED_LIMIT = 48 * 1024
+ATTENTION_MMA_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+
+
+def _cuobjdump() -> str:
+    candidates = [shutil.which("cuobjdump"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")]
+    try:
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    for c in candidates:
+        if c and os.path.isfile(c):
+            return c
+    pytest.skip("no cuobjdump (CUDA toolkit or triton) to read the library with")
+
+
+def _dump(flag: str) -> str:
+    out = subprocess.run([_cuobjdump(), flag, str(Path(_C.__file__))], capture_output=True, text=True, timeout=300)
+    if "does not contain device code" in out.stderr + out.stdout or (out.returncode != 0 and not out.stdout):
+        pytest.skip("kernels._C was built without its CUDA kernels (CPU-only build)")
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _per_arch(text: str, header: str) -> dict[str, dict[str, str]]:
+    """{arch: {mangled function name: its section}} from cuobjdump's per-ELF output."""
+    arches: dict[str, dict[str, str]] = {}
+    for elf in re.split(r"\n(?=Fatbin elf code:)", text):
+        m = re.search(r"arch = (sm_\d+)", elf)
+        if not m:
+            continue
+        funcs = arches.setdefault(m.group(1), {})
+        for part in re.split(rf"\n\s*(?={header})", elf)[1:]:
+            name = re.match(rf"{header}\s*(\S+?):?\s*\n", part + "\n")
+            if name:
+                funcs[name.group(1)] = part
+    return arches
+
+
+@pytest.fixture(scope="module")
+def resources():
+    arches = _per_arch(_dump("--dump-resource-usage"), "Function")
+    if not any(arches.values()):
+        pytest.skip("kernels._C holds no CUDA kernels (CPU-only build)")
+    return arches
+
+
+def test_every_kernel_is_built_for_every_arch(resources):
+    for arch, funcs in resources.items():  # mangled names hold the kernel's own name
+        for k in ATTENTION_MMA_KERNELS + ("_attn_bwd_delta_kernel", "_ln_fwd_kernel", "_ln_bwd_dx_kernel"):
+            assert any(k in name for name in funcs), f"{arch}: no {k}"
+    expected = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    wanted = {f"sm_{a.replace('.', '').replace('+PTX', '')}" for a in expected.replace(" ", ";").split(";") if a}
+    assert wanted <= set(resources), f"built for {sorted(resources)}, expected {sorted(wanted)}"
+
+
+def test_no_kernel_spills_or_overflows_static_shared_memory(resources):
+    bad = []
+    for arch, funcs in resources.items():
+        for name, section in funcs.items():
+            m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", section)
+            assert m, f"{arch} {name}: no resource line in\n{section[:300]}"
+            reg, stack, shared, local = map(int, m.groups())
+            if stack or local:
+                bad.append(f"{arch} {name}: {stack} B stack frame, {local} B local memory ({reg} registers): it spills")
+            if shared > STATIC_SHARED_LIMIT:
+                bad.append(f"{arch} {name}: {shared} B of static shared memory")
+    assert not bad, "\n".join(bad)
+
+
+def test_attention_kernels_use_the_tensor_cores():
+    sass = _per_arch(_dump("--dump-sass"), "Function :")
+    assert sass, "no SASS in kernels._C"
+    for arch, funcs in sass.items():
+        for kernel in ATTENTION_MMA_KERNELS:
+            bodies = [body for name, body in funcs.items() if kernel in name]
+            assert bodies, f"{arch}: {kernel} not found in the SASS"
+            for body in bodies:
+                assert re.search(r"\bHMMA\.", body), f"{arch}: {kernel} has no HMMA instruction"
