@@ -327,10 +327,6 @@ def test_torch_compile_fullgraph_cpu_through_add_layer_norm_and_cross_entropy():
 # ---------------------------------------------------------------------------------- GPU (CUDA kernels)
 
 
-def _err(a, b):
-    return (a.float() - b.float()).abs().max().item()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(33, 7), (5, 50257), (3, 1000), (17, 4096)])
 def test_gpu_fp32_matches_reference(shape):
@@ -362,35 +358,6 @@ def test_gpu_opcheck_ignored_rows_and_out_of_range_targets():
     loss, lse = ops.cross_entropy_fwd(z.detach(), bad, -100)
     dz = ops.cross_entropy_bwd(torch.ones((), device="cuda"), z.detach(), bad, lse, -100)
     assert torch.isnan(loss) and torch.isnan(dz[3]).all() and not torch.isnan(dz[bad == -100]).any()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_gpu_low_precision_within_twice_torch_error(dtype):
-    N, V = 4096, 50257
-    logits = _logits((N, V), torch.float32, seed=3, device="cuda").to(dtype)
-    y = _targets((N,), V, 7, device="cuda")
-    ref_loss, ref_grad = _ce_and_grad(reference.cross_entropy, logits.float(), y)
-    loss, grad = _ce_and_grad(ours_ce, logits, y)
-    t_loss, t_grad = _ce_and_grad(lambda z, t, i: F.cross_entropy(z, t, ignore_index=i), logits, y)
-    assert grad.dtype == dtype
-    assert _err(loss, ref_loss) <= 2 * _err(t_loss, ref_loss) + 1e-4, (_err(loss, ref_loss), _err(t_loss, ref_loss))
-    assert _err(grad, ref_grad) <= 2 * _err(t_grad, ref_grad) + 1e-7, (_err(grad, ref_grad), _err(t_grad, ref_grad))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_gpu_linear_cross_entropy_within_twice_torch_error(dtype):
-    g = torch.Generator(device="cuda").manual_seed(4)
-    N, C, V = 2048, 768, 50257
-    hidden = torch.randn(N, C, device="cuda", generator=g).to(dtype)
-    weight = (torch.randn(V, C, device="cuda", generator=g) * 0.02).to(dtype)
-    y = _targets((N,), V, 5, device="cuda")
-    ref = _lce_and_grads(reference.linear_cross_entropy, hidden.float(), weight.float(), y)
-    ours = _lce_and_grads(ours_lce, hidden, weight, y, chunk_rows=512)
-    torch_ = _lce_and_grads(lambda h, w, t: F.cross_entropy((h @ w.t()).float(), t), hidden, weight, y)
-    for name, o, t, r, atol in zip(("loss", "dhidden", "dweight"), ours, torch_, ref, (1e-4, 1e-6, 1e-6)):
-        assert _err(o, r) <= 2 * _err(t, r) + atol, f"{name}: ours {_err(o, r):.3g} vs torch {_err(t, r):.3g}"
 
 
 @pytest.mark.gpu

@@ -207,10 +207,6 @@ def test_torch_compile_fullgraph_cpu():
 # ---------------------------------------------------------------------------------- GPU (CUDA kernels)
 
 
-def _max_err(a, ref):
-    return (a.float() - ref.float()).abs().max().item()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("C", [1, 768, 1000, 4096, 1023])
 def test_gpu_fp32_matches_reference_vector_and_scalar_paths(C):
@@ -229,39 +225,6 @@ def test_gpu_opcheck():
     x, w, b, dy = (t.detach() for t in _inputs((7, 256), torch.bfloat16, device="cuda"))
     _, mean, rstd = ops.layer_norm_fwd(x, w, b, 1e-5)
     torch.library.opcheck(ops.layer_norm_bwd.default, (dy, x, w, mean, rstd))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("C", [768, 1000, 4096, 8192])
-def test_gpu_low_precision_within_twice_torch_error(dtype, C):
-    """Our error against the fp32 reference is at most 2x PyTorch's own same-dtype error + a small atol."""
-    import torch.nn.functional as F
-
-    shape = (8, 509, C)  # 4072 rows: not a multiple of the rows per block
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = (1.5 + 2.0 * torch.randn(shape, device="cuda", generator=g)).to(dtype)
-    w = (1.0 + 0.5 * torch.randn(C, device="cuda", generator=g)).to(dtype)
-    b = (0.5 * torch.randn(C, device="cuda", generator=g)).to(dtype)
-    dy = torch.randn(shape, device="cuda", generator=g).to(dtype)
-
-    def run(fn, leaves, grad):
-        out = fn(*leaves)
-        return [out, *torch.autograd.grad(out, leaves, grad)]
-
-    def ours(a, c, d):
-        with kernels.backend("cuda"):
-            return kernels.layer_norm(a, c, d, 1e-5)
-
-    mine = run(ours, [t.clone().requires_grad_() for t in (x, w, b)], dy)
-    ref = run(lambda a, c, d: reference.layer_norm(a, c, d, 1e-5), [t.float().requires_grad_() for t in (x, w, b)], dy.float())
-    pt = run(lambda a, c, d: F.layer_norm(a, (C,), c, d, 1e-5), [t.clone().requires_grad_() for t in (x, w, b)], dy)
-    for name, o, rf, p in zip(["y", "dx", "dweight", "dbias"], mine, ref, pt):
-        assert o.dtype == dtype, name
-        scale = rf.float().abs().max().item()
-        atol = (2e-3 if dtype == torch.float16 else 1e-2) * max(scale, 1.0)
-        err, err_pt = _max_err(o, rf), _max_err(p, rf)
-        assert err <= 2 * err_pt + atol, f"{name}: our max error {err:.3g} vs PyTorch's {err_pt:.3g} (atol {atol:.3g})"
 
 
 # ------------------------------------------------------------------------------ add_layer_norm
@@ -365,45 +328,6 @@ def test_gpu_add_layer_norm_fp32_vector_and_scalar_paths(C):
     y_ref, total_ref = reference.add_layer_norm(x, r, w, b)
     _close(total, total_ref, torch.float32, "unaligned sum")
     _close(y, y_ref, torch.float32, "unaligned y")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("C", [768, 1000, 4096])
-def test_gpu_add_layer_norm_low_precision_within_twice_torch_error(dtype, C):
-    """Our error against the fp32 reference is at most 2x PyTorch's own same-dtype error + a small atol."""
-    import torch.nn.functional as F
-
-    shape = (8, 509, C)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x = (1.5 + 2.0 * torch.randn(shape, device="cuda", generator=g)).to(dtype)
-    r = torch.randn(shape, device="cuda", generator=g).to(dtype)
-    w = (1.0 + 0.5 * torch.randn(C, device="cuda", generator=g)).to(dtype)
-    b = (0.5 * torch.randn(C, device="cuda", generator=g)).to(dtype)
-    dy, dsum = (torch.randn(shape, device="cuda", generator=g).to(dtype) for _ in range(2))
-
-    def run(fn, leaves, grads):
-        outs = fn(*leaves)
-        return [*outs, *torch.autograd.grad(outs, leaves, grads)]
-
-    def ours(a, c, d, e):
-        with kernels.backend("cuda"):
-            return kernels.add_layer_norm(a, c, d, e, 1e-5)
-
-    def pytorch(a, c, d, e):
-        total = a + c
-        return F.layer_norm(total, (C,), d, e, 1e-5), total
-
-    mine = run(ours, [t.clone().requires_grad_() for t in (x, r, w, b)], (dy, dsum))
-    ref = run(lambda a, c, d, e: reference.add_layer_norm(a, c, d, e, 1e-5),
-              [t.float().requires_grad_() for t in (x, r, w, b)], (dy.float(), dsum.float()))
-    pt = run(pytorch, [t.clone().requires_grad_() for t in (x, r, w, b)], (dy, dsum))
-    for name, o, rf, p in zip(["y", "sum", "dx", "dresidual", "dweight", "dbias"], mine, ref, pt):
-        assert o.dtype == dtype, name
-        scale = rf.float().abs().max().item()
-        atol = (2e-3 if dtype == torch.float16 else 1e-2) * max(scale, 1.0)
-        err, err_pt = _max_err(o, rf), _max_err(p, rf)
-        assert err <= 2 * err_pt + atol, f"{name}: our max error {err:.3g} vs PyTorch's {err_pt:.3g} (atol {atol:.3g})"
 
 
 @pytest.mark.parametrize("name", ["cuda", "torch"])
