@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
-from bench.common import DTYPES, bench, on_backend, environment, markdown_table, write_results, save_figure  # noqa: E402
+from bench.common import DTYPES, bench, environment, markdown_table, on_backend, report_row, save_figure, write_results  # noqa: E402
 from kernels.backends import unavailable_reason  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -73,16 +73,16 @@ def measure(fn, B, H, T, D, dtype, device, mode, reps, warmup) -> float:
     return bench(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad), device=device, reps=reps, warmup=warmup)
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], path: Path, title: str, modes=MODES) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     dims = sorted({r["D"] for r in rows})
-    fig, axes = plt.subplots(len(dims), len(MODES), figsize=(5 * len(MODES), 3.6 * len(dims)), squeeze=False)
+    fig, axes = plt.subplots(len(dims), len(modes), figsize=(5 * len(modes), 3.6 * len(dims)), squeeze=False)
     for i, D in enumerate(dims):
-        for j, mode in enumerate(MODES):
+        for j, mode in enumerate(modes):
             ax = axes[i][j]
             sel = [r for r in rows if r["D"] == D and r["mode"] == mode and isinstance(r["tflops"], float)]
             for prov in dict.fromkeys(r["provider"] for r in sel):
@@ -106,6 +106,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=None, help="B*T per batch (default 16384; quick: 256)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls before timing (autotuning, caches)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="what to time")
+    p.add_argument("--providers", nargs="+", default=None, help="run only these providers (default: all)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
 
@@ -123,6 +125,8 @@ def main(argv=None) -> int:
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
     rows = []
     for name, fn in providers(device, dtype).items():
+        if args.providers and name not in args.providers:
+            continue
         if isinstance(fn, str):
             print(f"  skip {name}: {fn}")
             continue
@@ -130,7 +134,7 @@ def main(argv=None) -> int:
             for T in seqlens:
                 B, H = max(1, tokens // T), max(1, width // D)
                 flops = 2.0 * B * H * T * T * D
-                for mode in MODES:
+                for mode in args.modes:
                     row = dict(provider=name, D=D, T=T, B=B, H=H, mode=mode)
                     try:
                         ms = measure(fn, B, H, T, D, dtype, device, mode, reps, args.warmup)
@@ -139,11 +143,11 @@ def main(argv=None) -> int:
                         row.update(ms="-", tflops="-", note=str(exc).splitlines()[0][:80])
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
-                    rows.append(row)
+                    report_row(rows, row)
     columns = ["provider", "D", "T", "B", "H", "mode", "ms", "tflops", "note"]
     print(markdown_table(rows, columns))
     stem = write_results("attention", rows, columns, env, args.out)
-    plot(rows, stem.with_suffix(".png"), f"causal attention, {env['device']}, {env['commit']}")
+    plot(rows, stem.with_suffix(".png"), f"causal attention, {env['device']}, {env['commit']}", args.modes)
     print(f"wrote {stem}.csv, .md, .png")
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import json
 import platform
 import statistics
 import subprocess
@@ -87,6 +88,13 @@ def bench(fn: Callable[[], object], *, device: torch.device, warmup: int = 5, re
         e.record()
     torch.cuda.synchronize(device)
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def report_row(rows: list[dict], row: dict) -> None:
+    """Keep a measured row and print it at once (``ROW {json}``): a run that is cut short (a time cap in
+    bench/gpu_check.sh) still leaves every number it measured in its log."""
+    rows.append(row)
+    print("ROW " + json.dumps(row, default=str), flush=True)
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

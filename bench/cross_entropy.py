@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
-from bench.common import DTYPES, bench, on_backend, environment, markdown_table, write_results, save_figure  # noqa: E402
+from bench.common import DTYPES, bench, environment, markdown_table, on_backend, report_row, save_figure, write_results  # noqa: E402
 from kernels.backends import unavailable_reason  # noqa: E402
 
 OPS = ("ce", "linear-ce")
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
                         inputs = None
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
-                        rows.append(row)
+                        report_row(rows, row)
     columns = ["op", "provider", "N", "V", "H", "mode", "ms", "gbps", "tflops", "peak_mb", "note"]
     print(markdown_table(rows, columns))
     stem = write_results("cross_entropy", rows, columns, env, args.out)

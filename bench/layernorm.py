@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
-from bench.common import DTYPES, bench, on_backend, environment, markdown_table, write_results, save_figure  # noqa: E402
+from bench.common import DTYPES, bench, environment, markdown_table, on_backend, report_row, save_figure, write_results  # noqa: E402
 from kernels.backends import unavailable_reason  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
                         row.update(ms="-", gbps="-", pct_copy="-", note=str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__)
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
-                    rows.append(row)
+                    report_row(rows, row)
     columns = ["provider", "elements", "M", "C", "mode", "ms", "gbps", "pct_copy", "copy_gbps", "note"]
     print(markdown_table(rows, columns))
     stem = write_results("layernorm", rows, columns, env, args.out)

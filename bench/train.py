@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
-from bench.common import environment, markdown_table, save_figure, write_results  # noqa: E402
+from bench.common import environment, markdown_table, report_row, save_figure, write_results  # noqa: E402
 from llm.model import GPT, GPTConfig  # noqa: E402
 from llm.optim import configure_optimizer  # noqa: E402
 
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     print(f"failed {provider} ({preset}): {first}")
                     row.update(ms_step="-", tok_s="-", mfu_pct="-", peak_mem_gb="-", loss="-", note=first[:100])
-            rows.append(row)
+            report_row(rows, row)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
