@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: install train test clean
+.PHONY: install train test test-triton36 clean
 
 install: $(VENV)/.installed
 
@@ -27,5 +27,20 @@ train: install
 test: install
 	$(BIN)/python -m pytest
 
+# The Triton tests again with the GPU machines' triton 3.6 (beside a CPU torch 2.13), in a venv of their
+# own (.ci/requirements-triton36.txt): its interpreter runs every kernel on the CPU, and the
+# ahead-of-time compile checks run with triton 3.6's compiler and ptxas.  CI runs it after `make test`.
+VENV36  ?= .venv-triton36
+TRITON36_TESTS = tests/test_triton_attention.py tests/test_triton_layernorm.py tests/test_triton_cross_entropy.py \
+                 tests/test_triton_model.py tests/test_attention_tiles.py tests/test_triton_compile.py
+
+$(VENV36)/.installed: .ci/requirements-triton36.txt
+	$(PYTHON) -m venv $(VENV36)
+	$(VENV36)/bin/pip install -r .ci/requirements-triton36.txt
+	touch $@
+
+test-triton36: $(VENV36)/.installed
+	$(VENV36)/bin/python -m pytest $(TRITON36_TESTS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV36) build *.egg-info
