@@ -136,7 +136,10 @@ def default_cases(dtypes=("fp16", "bf16", "fp32", "fp32-tf32"), head_dims=(16, 3
                   widths=(768, 4096, 12288, 16384), vocab=50257) -> list[Case]:
     """The shapes CI proves: attention at T = 1024 (forward + backward) and Tq = 1 decoding for every
     head-dim bucket the API runs in Triton (D <= 256, padded to 16/32/64/128/256), a huge B*H decode;
-    LayerNorm and add-LayerNorm at widths ``widths``; cross-entropy and linear-CE at the GPT-2 vocab."""
+    LayerNorm and add-LayerNorm at widths ``widths``; cross-entropy and linear-CE at the GPT-2 vocab.
+    (float64, which runs in Triton only in LayerNorm up to 4096 wide, is left out of the defaults: its
+    division is a ptxas subroutine whose stack frame shows as a 12-byte spill on sm_80 under triton 3.6;
+    ``--dtypes fp64`` checks it.)"""
     cases = []
     tf32 = (("kernels.flash_attention", "_dot_precision", lambda q: "tf32"),)
     for dn in dtypes:
