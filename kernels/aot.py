@@ -393,11 +393,14 @@ def compile_job(job: Job) -> dict:
         record["compile_s"] = round(time.perf_counter() - t0, 2)
         return record
     record["compile_s"] = round(time.perf_counter() - t0, 2)
-    record["shared"] = int(kernel.metadata.shared)
-    record.update(_ptxas_numbers(log.getvalue()))
-    if record["spill_stores"] is None:  # a cached kernel: ptxas did not run, so read the cubin instead
-        record.update(_cubin_resources(kernel.asm["cubin"]))
-    record["dots"] = dots(kernel.asm["ttgir"])
+    try:
+        record["shared"] = int(kernel.metadata.shared)
+        record.update(_ptxas_numbers(log.getvalue()))
+        if record["spill_stores"] is None:  # a cached kernel: ptxas did not run, so read the cubin instead
+            record.update(_cubin_resources(kernel.asm["cubin"]))
+        record["dots"] = dots(kernel.asm["ttgir"])
+    except Exception as exc:  # noqa: BLE001  (e.g. a damaged cache entry: say so, keep the other records)
+        record["error"] = f"could not read the compiled kernel: {type(exc).__name__}: {exc}"
     return record
 
 
