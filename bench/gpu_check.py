@@ -21,6 +21,7 @@ construction, whatever any step does:
              linear-CE at N = 16384, V = 50257 (time and peak memory), GPT-2 124M training, 10 timed
              steps per backend beside the compiled PyTorch-native baseline
   racecheck  compute-sanitizer --tool racecheck on the CUDA attention forward and backward, if time is left
+             (a sanitizer that cannot attach to the device, as under gVisor, is reported as unavailable)
 
 What lands in --out (default $OUT): gpu_check_<tag>.md (the summary: pass/fail per kernel x dtype x
 direction with every failure's message, ours / PyTorch's best per op, the autotuner's choices),
@@ -271,11 +272,18 @@ def step_racecheck(work: Path, env: dict, dry: bool, facts: dict, build: dict, c
         return skipped("racecheck", f"only {clock.left():.0f} s left")
     cmd = ["compute-sanitizer", "--tool", "racecheck", "--kernel-name", "kns=_attn_", PY, "-c", RACECHECK_SCRIPT]
     result = run("racecheck", cmd, work / "racecheck.log", env, CAPS["racecheck"][dry], clock)
-    text = (work / "racecheck.log").read_text()
+    return racecheck_outcome(result, (work / "racecheck.log").read_text())
+
+
+def racecheck_outcome(result: dict, text: str) -> dict:
+    """A race found fails the step; a sanitizer that could not run at all (no summary) is "unavailable"."""
     m = re.search(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", text)
     result["hazards"] = m.group(0) if m else None
-    if result["status"] == "ok" and m and int(m.group(1)) > 0:
+    if m and int(m.group(1)) > 0:
         result["status"] = "failed"
+    elif not m and result["status"] == "failed":  # e.g. "Device not supported" under gVisor
+        said = [ln for ln in text.splitlines() if "rror" in ln or "not supported" in ln]
+        result.update(status="unavailable", why=(said[0].strip() if said else "no racecheck summary")[:200])
     return result
 
 

@@ -63,6 +63,16 @@ def test_the_summary_table_reports_each_failure_under_its_kernel_dtype_and_direc
     assert len(table["bwd"]["failures"]) == 2 and "dx: ours 0.5 vs PyTorch 0.02" in table["bwd"]["failures"][0]
 
 
+def test_racecheck_hazards_fail_and_a_sanitizer_that_cannot_run_is_unavailable():
+    clean = "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n"
+    assert gpu_check.racecheck_outcome({"status": "ok"}, clean)["status"] == "ok"
+    race = "========= RACECHECK SUMMARY: 3 hazards displayed (2 errors, 1 warning)\n"
+    assert gpu_check.racecheck_outcome({"status": "failed"}, race)["status"] == "failed"
+    gvisor = "========= Error: Device not supported\n========= Internal error 999\n"
+    out = gpu_check.racecheck_outcome({"status": "failed"}, gvisor)
+    assert out["status"] == "unavailable" and "Device not supported" in out["why"]
+
+
 def test_ratios_compare_ours_with_pytorchs_best_provider():
     bench = {"attention": [
         {"provider": "triton", "D": 64, "T": 1024, "mode": "fwd", "tflops": 300.0},
