@@ -42,7 +42,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import math
 import os
 import re
 import sys

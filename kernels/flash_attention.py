@@ -43,7 +43,6 @@ TRITON_INTERPRET (CPU) one small fixed configuration is used so the tests stay f
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton

@@ -4,7 +4,6 @@ Skipped as a whole only when ``kernels._C`` is not built.  Without a GPU the C++
 of the CUDA kernels: same tiles, same saved lse, same backward) run every test here except those
 marked ``gpu``, which check the CUDA kernels against the fp32 reference on a device.
 """
-import math
 import time
 
 import pytest

@@ -7,7 +7,6 @@ C++ CPU kernels run everywhere; the CUDA kernels only in the tests marked ``gpu`
 """
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("kernels._C", reason="kernels._C is not built; run `pip install -e . --no-build-isolation`")
