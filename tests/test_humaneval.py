@@ -12,7 +12,7 @@ from llm.eval.humaneval import (
     load_problems,
     pass_at_k,
 )
-from llm.eval.sandbox import Limits, network_namespace_available, run_program
+from llm.eval.sandbox import Limits, run_program
 
 FAST = Limits(timeout_s=5.0)
 
@@ -92,87 +92,16 @@ def test_temperature_zero_with_several_samples_is_refused(problems):
         sample_completions(None, None, problems[:1], n=3, temperature=0.0)
 
 
-# ---- the sandbox ------------------------------------------------------------------------------
+# ---- the sandbox (tests/test_sandbox.py tests it attack by attack) ---------------------------
 
 
-def test_an_infinite_loop_is_timed_out():
-    start = time.perf_counter()
-    outcome = run_program("while True:\n    pass\n", Limits(timeout_s=1.0))
-    assert outcome.status == "timed out" and "1 s" in outcome.reason
-    assert time.perf_counter() - start < 5
+@pytest.mark.parametrize("completion", ["    import sys\n    sys.exit(0)\n", "    import os\n    os._exit(0)\n"])
+def test_a_completion_that_exits_before_the_tests_does_not_pass(problems, completion, monkeypatch):
+    """The Codex paper's harness counted these as passes (exit status 0): five problems, pass@1 = 0 here."""
+    from llm.eval import humaneval
 
-
-def test_the_timeout_kills_the_whole_process_group():
-    # posix.fork gets around the guard's os.fork; the process group does not get around killpg.
-    program = "import posix, sys, time\npid = posix.fork()\nif pid:\n    print(pid, flush=True)\ntime.sleep(60)\n"
-    outcome = run_program(program, Limits(timeout_s=1.0))
-    assert outcome.status == "timed out"
-    child = int(outcome.stdout.split()[0])
-    for _ in range(50):  # the orphan is reaped by init shortly after it dies
-        try:
-            with open(f"/proc/{child}/status") as f:
-                state = next(line for line in f if line.startswith("State:"))
-        except (FileNotFoundError, ProcessLookupError):
-            break
-        if "Z" in state.split()[1]:
-            break  # dead, waiting to be reaped
-        time.sleep(0.1)
-    else:
-        pytest.fail(f"the forked child {child} survived the timeout")
-
-
-@pytest.mark.parametrize("program", [
-    "x = bytearray(10**11)\n",
-    "chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))\n",
-])
-def test_huge_allocations_fail_inside_the_sandbox(program):
-    outcome = run_program(program, Limits(timeout_s=10.0, memory_bytes=256 << 20))
-    assert outcome.status == "failed"
-    assert "MemoryError" in outcome.reason or "killed" in outcome.reason
-
-
-def test_writing_or_deleting_outside_the_sandbox_is_blocked(tmp_path):
-    target, keep = tmp_path / "evil.txt", tmp_path / "keep.txt"
-    keep.write_text("precious")
-    for program in [f"open({str(target)!r}, 'w').write('x')",
-                    f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')",
-                    f"import os\nos.close(os.open({str(target)!r}, os.O_CREAT | os.O_WRONLY))"]:
-        outcome = run_program(program, FAST)
-        assert outcome.status == "failed" and "PermissionError" in outcome.reason, outcome
-    assert not target.exists()
-    outcome = run_program(f"import os\nos.remove({str(keep)!r})", FAST)
-    assert "PermissionError" in outcome.reason and keep.read_text() == "precious"
-    # inside its own folder the program may write and read back
-    assert run_program("open('note.txt', 'w').write('hi')\nassert open('note.txt').read() == 'hi'", FAST).passed
-
-
-def test_the_parents_environment_does_not_leak(monkeypatch):
-    monkeypatch.setenv("MY_SECRET", "x")
-    outcome = run_program("import os\nprint(sorted(os.environ))\nassert 'MY_SECRET' not in os.environ", FAST)
-    assert outcome.passed, outcome
-    assert "MY_SECRET" not in outcome.stdout and "HOME" in outcome.stdout
-
-
-def test_no_network():
-    outcome = run_program("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)", FAST)
-    assert outcome.status == "failed" and "network access is not allowed" in outcome.reason
-    outcome = run_program("import subprocess\nsubprocess.run(['true'])", FAST)
-    assert "subprocess is not allowed" in outcome.reason
-
-
-@pytest.mark.skipif(not network_namespace_available(), reason="unshare -rn does not work here")
-def test_network_namespace_has_only_loopback():
-    # _socket is below the guard: only the namespace stops this connection.
-    program = ("import socket, _socket\nassert [n for _, n in socket.if_nameindex()] == ['lo']\n"
-               "s = _socket.socket()\ntry:\n    s.connect(('1.1.1.1', 80))\n"
-               "except OSError as e:\n    print('blocked', e)\n")
-    outcome = run_program(program, FAST)
-    assert outcome.passed and outcome.stdout.startswith("blocked"), outcome
-
-
-def test_output_is_capped_and_a_normal_program_still_runs():
-    flood = "import sys\nsys.stdout.write('x' * 50_000_000)"
-    outcome = run_program(flood, Limits(timeout_s=10.0, file_bytes=1_000_000))
-    assert outcome.status == "failed" and "File too large" in outcome.reason
-    outcome = run_program("import math\nprint(math.factorial(5))", FAST)
-    assert outcome.passed and outcome.stdout == "120\n" and outcome.reason == ""
+    subset = problems[:5]
+    monkeypatch.setattr(humaneval, "sample_completions", lambda *a, **k: [[completion] for _ in subset])
+    out = evaluate_humaneval(object(), None, subset, limits=FAST, progress=False)
+    assert out["metrics"]["pass@1"] == 0.0 and out["metrics"]["failed"] == 5
+    assert all("no completion token" in it["samples"][0]["reason"] for it in out["items"])

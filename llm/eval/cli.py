@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -81,6 +82,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     sp_he.add_argument("--timeout", type=float, default=10.0, help="seconds each program may run (wall clock)")
     sp_he.add_argument("--memory-mb", type=int, default=1024, help="address-space limit of each program")
     sp_he.add_argument("--workers", type=int, default=4, help="programs run at the same time")
+    sp_he.add_argument("--unsafe-no-sandbox", action="store_true",
+                       help="where bubblewrap cannot run: execute model-written code anyway, as you, behind a "
+                            "Python guard that an adversarial program gets around (says what is not contained)")
     sp_he.add_argument("--canonical", action="store_true",
                        help="run the dataset's own solutions instead of a model (all should pass)")
     for task_parser in (sp, sp_mc, sp_gsm, sp_he):
@@ -151,17 +155,19 @@ def _run_task(args, model, tokenizer) -> tuple[dict, dict, list]:
                       limit=args.limit)
         return out["metrics"], config, out["items"]
     from .humaneval import evaluate_humaneval, load_problems
-    from .sandbox import Limits
+    from .sandbox import Limits, containment
 
+    limits = Limits(timeout_s=args.timeout, memory_bytes=args.memory_mb << 20,
+                    sandbox="unsafe" if args.unsafe_no_sandbox else "bwrap")
+    print(containment(limits), file=sys.stderr, flush=True)
     problems = load_problems(args.data)[: args.limit]
-    limits = Limits(timeout_s=args.timeout, memory_bytes=args.memory_mb << 20)
     out = evaluate_humaneval(model, tokenizer, problems, n=args.n_samples, ks=tuple(args.k),
                              temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                              limits=limits, workers=args.workers, seed=args.seed, canonical=args.canonical,
                              progress=args.progress)
     config = dict(data=args.data or "humaneval", n_samples=args.n_samples, k=args.k, temperature=args.temperature,
                   top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, timeout=args.timeout,
-                  memory_mb=args.memory_mb, canonical=args.canonical, limit=args.limit)
+                  memory_mb=args.memory_mb, canonical=args.canonical, limit=args.limit, sandbox=limits.sandbox)
     return out["metrics"], config, out["items"]
 
 
