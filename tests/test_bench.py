@@ -148,3 +148,18 @@ def test_convergence_benchmark_quick(tmp_path):
     summary = {r["backend"]: r for r in csv.DictReader(summary_path.open())}
     assert float(summary["pytorch"]["max_gap_2nd_half"]) < 1e-4
     assert next(tmp_path.glob("convergence_*.png")).stat().st_size > 0
+
+
+def test_sandbox_benchmark_quick(tmp_path):
+    result = subprocess.run([sys.executable, "bench/sandbox.py", "--quick", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (csv_path,) = tmp_path.glob("sandbox_*.csv")
+    rows = {r["provider"]: r for r in csv.DictReader(csv_path.open())}
+    assert rows["bare"]["passed"] == rows["unsafe"]["passed"] == "20"
+    from llm.eval.sandbox import sandbox_unavailable_reason
+
+    if sandbox_unavailable_reason() is None:
+        assert rows["bwrap"]["passed"] == "20" and float(rows["bwrap"]["median_ms"]) > 0
+    else:
+        assert "skip bwrap:" in result.stdout
