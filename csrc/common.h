@@ -26,9 +26,10 @@ LayerNormBwdOut layer_norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, co
 // formed in fp32 (fp64) and rounded to x's dtype, y = LayerNorm(sum); mean, rstd are sum's statistics.
 using AddLayerNormFwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // y, sum, mean, rstd
 // cross_entropy_fwd: logits (N, V) float, targets (N,) int64 with values in [0, V) or == ignore_index.
-// loss is the 0-d mean over the non-ignored rows (0 when there are none), lse (N,) the rows' log-sum-exp;
-// both in stats_dtype(logits).  cross_entropy_bwd: dloss a one-element float tensor; returns dlogits.
-using CrossEntropyFwdOut = std::tuple<at::Tensor, at::Tensor>;  // loss, lse
+// loss is the 0-d mean over the non-ignored rows (0 when there are none), stats (N, 2) each row's max m
+// and log(sum(exp(z - m))), kept apart; both in stats_dtype(logits).  cross_entropy_bwd: dloss a 0-d
+// float tensor; returns dlogits.
+using CrossEntropyFwdOut = std::tuple<at::Tensor, at::Tensor>;  // loss, stats
 
 // csrc/layernorm_cpu.cpp
 AddLayerNormFwdOut add_layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
@@ -36,7 +37,7 @@ AddLayerNormFwdOut add_layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor&
 // csrc/cross_entropy_cpu.cpp
 CrossEntropyFwdOut cross_entropy_fwd_cpu(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index);
 at::Tensor cross_entropy_bwd_cpu(const at::Tensor& dloss, const at::Tensor& logits, const at::Tensor& targets,
-                                 const at::Tensor& lse, int64_t ignore_index);
+                                 const at::Tensor& stats, int64_t ignore_index);
 // ---- end add_layer_norm and cross-entropy --------------------------------------------------------
 
 // ---- causal attention (csrc/attention_cpu.cpp, csrc/attention_cuda.cu + attention_bwd_cuda.cu) ----

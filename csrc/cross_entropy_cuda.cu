@@ -1,8 +1,10 @@
-// Softmax cross-entropy on the GPU: forward (per-row loss and log-sum-exp) and backward (dlogits).
+// Softmax cross-entropy on the GPU: forward (per-row loss and the row's (max, log-sum)) and backward.
 //
-// Same math as cross_entropy_cpu.cpp (see there): lse = log(sum_j exp(z_j)), loss_row = lse - z_y,
-// dlogits = (exp(z - lse) - onehot(y)) * dloss / n_valid, zero rows for ignored targets.  fp32 in
-// registers whatever the storage dtype; lse is saved in fp32.
+// Same math as cross_entropy_cpu.cpp (see there): m = max(z), s = sum_j exp(z_j - m),
+// loss_row = log(s) - (z_y - m), dlogits = (exp((z - m) - log(s)) - onehot(y)) * dloss / n_valid,
+// zero rows for ignored targets; log(s) and z - m are never folded into one rounded lse.  fp32 in
+// registers whatever the storage dtype; stats (N, 2) = (m, log s) are saved in fp32.  A NaN or +inf
+// logit makes s NaN (exp(+inf - +inf)), so the row's loss and gradient are NaN, as in the reference.
 //
 // Kernels, then launchers:
 // * _ce_fwd_kernel: one block of kThreads per row.  Each thread keeps an online (max m, sum s of
@@ -10,7 +12,7 @@
 //   arbitrary 2- or 4-byte boundary (V = 50257 is odd), so a scalar head runs up to the first
 //   16-byte boundary, then 16-byte vectors, then a scalar tail.  Per vector the max is taken first
 //   and s rescaled at most once, so each logit costs one exp.  The (m, s) pairs are merged by warp
-//   shuffles, then across the warps through shared memory; thread 0 writes lse and the row's loss
+//   shuffles, then across the warps through shared memory; thread 0 writes (m, log s) and the row's loss
 //   (0 for an ignored target).  The mean over the valid rows is a torch sum of the (N,) per-row
 //   losses divided by the on-device count of valid targets: deterministic, no atomics, no host sync.
 // * _ce_bwd_kernel: one block per row, reads the row once and writes dlogits once, 16-byte vectors
@@ -19,7 +21,8 @@
 // Out-of-range targets (neither in [0, V) nor ignore_index) cannot be rejected here without a host
 // sync, and reading z[y] would be out of bounds, so they give a NaN loss for the row (hence a NaN
 // mean) and a NaN dlogits row instead of a trap.  (For CPU tensors ops.cpp and the Python API,
-// kernels/_validate.py, reject them with a message.)
+// kernels/_validate.py, reject them with a message; for CUDA tensors the "cuda" backend's wrapper adds
+// a device-side assert, kernels/_chunked_linear_ce.check_targets, that fails the next sync.)
 // Bytes moved: forward reads the logits once (N * V * sizeof(T)); backward reads them once and writes
 // dlogits once (2 * N * V * sizeof(T)).  Limits: N < 2^31 rows (one block each); offsets are int64.
 #include <ATen/ATen.h>
@@ -90,7 +93,7 @@ __device__ __forceinline__ int64_t head_elems(const T* p, int64_t V) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     _ce_fwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ y, float* __restrict__ row_loss,
-                   float* __restrict__ lse_out, int64_t V, int64_t ignore_index) {
+                   float* __restrict__ stats_out, int64_t V, int64_t ignore_index) {
   constexpr int N = 16 / sizeof(T);
   const int64_t row = blockIdx.x;
   const T* zr = z + row * V;
@@ -129,11 +132,12 @@ __global__ void __launch_bounds__(kThreads)
     s = lane < kWarpsPerBlock ? s_s[lane] : 0.f;
     warp_merge(m, s);
     if (lane == 0) {
-      const float lse = m + __logf(s);
-      lse_out[row] = lse;
+      const float log_s = __logf(s);
+      stats_out[2 * row] = m;
+      stats_out[2 * row + 1] = log_s;
       const int64_t t = y[row];
       float loss = 0.f;
-      if (t != ignore_index) loss = (t >= 0 && t < V) ? lse - static_cast<float>(zr[t]) : nan_f();
+      if (t != ignore_index) loss = (t >= 0 && t < V) ? log_s - (static_cast<float>(zr[t]) - m) : nan_f();
       row_loss[row] = loss;
     }
   }
@@ -142,7 +146,7 @@ __global__ void __launch_bounds__(kThreads)
 // grid (N,), block (kThreads,).  N > 1 only when z and g share their misalignment mod 16 bytes.
 template <typename T, int N>
 __global__ void __launch_bounds__(kThreads)
-    _ce_bwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ y, const float* __restrict__ lse_in,
+    _ce_bwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ y, const float* __restrict__ stats_in,
                    const float* __restrict__ scale_in, T* __restrict__ g, int64_t V, int64_t ignore_index) {
   const int64_t row = blockIdx.x;
   const T* zr = z + row * V;
@@ -151,9 +155,11 @@ __global__ void __launch_bounds__(kThreads)
   const bool ignored = t == ignore_index;
   // an out-of-range target poisons its row with nan, as it does the forward's loss
   const float scale = ignored ? 0.f : (t >= 0 && t < V) ? *scale_in : nan_f();
-  const float lse = lse_in[row];
+  const float m = stats_in[2 * row], log_s = stats_in[2 * row + 1];
   // ignored rows are exactly zero, even where their logits are inf or nan
-  auto grad = [&](float v, int64_t c) { return ignored ? 0.f : (__expf(v - lse) - (c == t ? 1.f : 0.f)) * scale; };
+  auto grad = [&](float v, int64_t c) {
+    return ignored ? 0.f : (__expf((v - m) - log_s) - (c == t ? 1.f : 0.f)) * scale;
+  };
 
   const int64_t head = N > 1 ? head_elems(zr, V) : 0;
   for (int64_t c = threadIdx.x; c < head; c += kThreads) gr[c] = static_cast<T>(grad(static_cast<float>(zr[c]), c));
@@ -192,24 +198,24 @@ CrossEntropyFwdOut cross_entropy_fwd_cuda(const at::Tensor& logits, const at::Te
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
   const auto fopts = logits.options().dtype(at::kFloat);
-  auto lse = at::empty({N}, fopts);
+  auto stats = at::empty({N, 2}, fopts);
   auto row_loss = at::empty({N}, fopts);
   if (N > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
     LLM_DISPATCH_CUDA_TYPES(logits.scalar_type(), "cross_entropy_fwd_cuda", [&] {
       _ce_fwd_kernel<scalar_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
           logits.const_data_ptr<scalar_t>(), targets.const_data_ptr<int64_t>(), row_loss.mutable_data_ptr<float>(),
-          lse.mutable_data_ptr<float>(), V, ignore_index);
+          stats.mutable_data_ptr<float>(), V, ignore_index);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   // the mean over the valid rows (0 when there are none): a deterministic torch sum, on the device
   auto loss = row_loss.sum() * valid_scale(targets, ignore_index);
-  return {loss, lse};
+  return {loss, stats};
 }
 
 at::Tensor cross_entropy_bwd_cuda(const at::Tensor& dloss, const at::Tensor& logits, const at::Tensor& targets,
-                                  const at::Tensor& lse, int64_t ignore_index) {
+                                  const at::Tensor& stats, int64_t ignore_index) {
   check_cuda_dtype("cross_entropy_bwd", logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
@@ -224,7 +230,7 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& dloss, const at::Tensor& log
     // rows of z and g start at the same offsets, so they share a head when their bases do
     const bool same_misalignment = (reinterpret_cast<std::uintptr_t>(zp) & 15) == (reinterpret_cast<std::uintptr_t>(gp) & 15);
     const auto* yp = targets.const_data_ptr<int64_t>();
-    const auto* lp = lse.const_data_ptr<float>();
+    const auto* lp = stats.const_data_ptr<float>();
     const auto* sp = scale.const_data_ptr<float>();
     if (same_misalignment) {
       _ce_bwd_kernel<scalar_t, kVec><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(zp, yp, lp, sp, gp, V,

@@ -5,9 +5,12 @@
 // and the later passes read that stored s (exactly what kernels.reference.add_layer_norm
 // normalizes).  Its backward is layer_norm_bwd on s (the Python autograd formula adds dsum).
 //
-// Forward, per row of x (M, C):  mean = sum(x)/C;  var = sum((x - mean)^2)/C  (two passes: no
-// catastrophic cancellation for rows with a large mean);  rstd = 1/sqrt(var + eps);
-// y = (x - mean) * rstd * w + b.  Saves mean and rstd (M,) for the backward.
+// Forward, per row of x (M, C):  mean = K + sum(x - K)/C with K = x[0];  var = sum((x - mean)^2)/C
+// (two passes: no catastrophic cancellation for rows with a large mean);  rstd = 1/sqrt(var + eps);
+// y = (x - mean) * rstd * w + b.  Saves mean and rstd (M,) for the backward.  Shifting by the row's
+// first element makes a constant row's mean exact (it normalizes to exactly 0, not to rounding noise
+// times 1/sqrt(eps)) and keeps the summands small for rows like 1e4 + noise; the sums run over 8
+// independent lanes, added pairwise at the end (error ~C/8 ulp instead of ~C ulp for one running sum).
 //
 // Backward (the VJP), with xhat = (x - mean) * rstd and g = dy * w:
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))          per row
@@ -35,6 +38,19 @@ namespace {
 
 constexpr int64_t kMaxBlocks = 64;  // row blocks for the dweight/dbias partial sums
 
+// sum_{c < C} term(c) over 8 independent lanes, added pairwise (and vectorizable).
+template <typename acc_t, typename Term>
+acc_t lane_sum(int64_t C, const Term& term) {
+  acc_t lane[8] = {};
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    for (int l = 0; l < 8; ++l) lane[l] += term(c + l);
+  }
+  acc_t tail = 0;
+  for (; c < C; ++c) tail += term(c);
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])) + tail;
+}
+
 // res == nullptr: LayerNorm of x.  Otherwise LayerNorm of s = x + res, written to s_out.
 template <typename scalar_t>
 void fwd_kernel(const scalar_t* x, const scalar_t* res, scalar_t* s_out, const scalar_t* w, const scalar_t* b,
@@ -48,24 +64,21 @@ void fwd_kernel(const scalar_t* x, const scalar_t* res, scalar_t* s_out, const s
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* xr = x + r * C;
       scalar_t* yr = y + r * C;
-      acc_t sum = 0;
-      if (res == nullptr) {
-        for (int64_t c = 0; c < C; ++c) sum += static_cast<acc_t>(xr[c]);
-      } else {
+      if (res != nullptr) {
         const scalar_t* rr = res + r * C;
         scalar_t* sr = s_out + r * C;
         for (int64_t c = 0; c < C; ++c) {
           sr[c] = static_cast<scalar_t>(static_cast<acc_t>(xr[c]) + static_cast<acc_t>(rr[c]));
-          sum += static_cast<acc_t>(sr[c]);
         }
-        xr = sr;  // the later passes normalize the stored (rounded) sum
+        xr = sr;  // the statistics and y are those of the stored (rounded) sum
       }
-      const acc_t mean = sum / static_cast<acc_t>(C);
-      acc_t sq = 0;
-      for (int64_t c = 0; c < C; ++c) {
+      const acc_t shift = C > 0 ? static_cast<acc_t>(xr[0]) : acc_t(0);
+      const acc_t mean = shift + lane_sum<acc_t>(C, [&](int64_t c) { return static_cast<acc_t>(xr[c]) - shift; }) /
+                                     static_cast<acc_t>(C);
+      const acc_t sq = lane_sum<acc_t>(C, [&](int64_t c) {
         const acc_t d = static_cast<acc_t>(xr[c]) - mean;
-        sq += d * d;
-      }
+        return d * d;
+      });
       const acc_t rstd = acc_t(1) / std::sqrt(sq / static_cast<acc_t>(C) + static_cast<acc_t>(eps));
       for (int64_t c = 0; c < C; ++c) {
         const acc_t xhat = (static_cast<acc_t>(xr[c]) - mean) * rstd;

@@ -4,7 +4,8 @@
 // forms s = x + residual in fp32, stores it rounded to x's dtype and sums that; the later passes
 // re-read the stored s (each lane reads back only what it wrote itself, so no synchronisation).
 //
-// Same math as layernorm_cpu.cpp (see there): two-pass mean/variance per row, y = xhat * w + b with
+// Same math as layernorm_cpu.cpp (see there): two-pass mean/variance per row (the mean's sum shifted by
+// the row's first element), y = xhat * w + b with
 // xhat = (x - mean) * rstd; backward dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w;
 // dw = sum_rows dy * xhat, db = sum_rows dy.  fp32 accumulation for fp32/fp16/bf16, one rounding on
 // store; mean and rstd are saved in fp32.
@@ -63,6 +64,10 @@ __global__ void _ln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ re
   const T* xr = x + row * C;
   T* yr = y + row * C;
 
+  // The sums run over x - shift, with shift the row's first (stored) element: a constant row gets an
+  // exact mean (and normalizes to exactly 0), and rows like 1e4 + noise keep small summands.
+  float shift = static_cast<float>(xr[0]);
+  if constexpr (HAS_RES) shift = static_cast<float>(static_cast<T>(shift + static_cast<float>(res[row * C])));
   float sum = 0.f;
   for (int64_t c = static_cast<int64_t>(lane) * N; c < C; c += 32 * N) {
     const Vec<T, N> xv = *reinterpret_cast<const Vec<T, N>*>(xr + c);
@@ -72,16 +77,16 @@ __global__ void _ln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ re
 #pragma unroll
       for (int i = 0; i < N; ++i) {
         sv.v[i] = static_cast<T>(static_cast<float>(xv.v[i]) + static_cast<float>(rv.v[i]));
-        sum += static_cast<float>(sv.v[i]);  // the statistics of the rounded sum, as stored
+        sum += static_cast<float>(sv.v[i]) - shift;  // the statistics of the rounded sum, as stored
       }
       *reinterpret_cast<Vec<T, N>*>(s + row * C + c) = sv;
     } else {
 #pragma unroll
-      for (int i = 0; i < N; ++i) sum += static_cast<float>(xv.v[i]);
+      for (int i = 0; i < N; ++i) sum += static_cast<float>(xv.v[i]) - shift;
     }
   }
   if constexpr (HAS_RES) xr = s + row * C;  // the same lane wrote these elements above
-  const float mean = warp_sum(sum) / static_cast<float>(C);
+  const float mean = shift + warp_sum(sum) / static_cast<float>(C);
 
   float sq = 0.f;
   for (int64_t c = static_cast<int64_t>(lane) * N; c < C; c += 32 * N) {

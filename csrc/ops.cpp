@@ -17,10 +17,10 @@
 // layernorm_cpu.cpp / layernorm_cuda.cu and cross_entropy_cpu.cpp / cross_entropy_cuda.cu):
 //   add_layer_norm_fwd(x, residual, weight, bias, eps) -> (y, sum, mean, rstd)
 //       sum = x + residual (M, C) in x's dtype, y = layer_norm(sum); backward: layer_norm_bwd on sum.
-//   cross_entropy_fwd(logits, targets, ignore_index) -> (loss, lse)
+//   cross_entropy_fwd(logits, targets, ignore_index) -> (loss, stats)    stats (N, 2): the rows' max, log-sum
 //       logits (N, V) float, targets (N,) int64; loss the 0-d mean over non-ignored rows (0 if none),
-//       lse (N,) the rows' log-sum-exp, both float32 (float64 for float64 logits).
-//   cross_entropy_bwd(dloss, logits, targets, lse, ignore_index) -> dlogits
+//       stats (N, 2) each row's max m and log(sum(exp(z - m))), both float32 (float64 for float64 logits).
+//   cross_entropy_bwd(dloss, logits, targets, stats, ignore_index) -> dlogits
 //       (softmax - onehot) * dloss / n_valid per row, zero rows for ignored targets; logits' dtype.
 // Target values are checked here for CPU tensors.  On CUDA that would cost a host sync per call, so
 // the kernels check them instead: an out-of-range target (neither in [0, V) nor ignore_index) makes
@@ -193,7 +193,7 @@ void check_logits_targets(const char* op, const at::Tensor& logits, const at::Te
   }
 }
 
-void check_ce_bwd(const at::Tensor& dloss, const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+void check_ce_bwd(const at::Tensor& dloss, const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& stats,
                   int64_t ignore_index) {
   const char* op = "cross_entropy_bwd";
   check_logits_targets(op, logits, targets, ignore_index);
@@ -202,10 +202,10 @@ void check_ce_bwd(const at::Tensor& dloss, const at::Tensor& logits, const at::T
               ": dloss must be a 0-d tensor (the loss's gradient) on device ", logits.device(), ", got ",
               describe(dloss));
   const auto sd = stats_dtype(logits.scalar_type());
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == logits.size(0) && lse.scalar_type() == sd &&
-                  lse.device() == logits.device(),
-              op, ": lse must have shape [", logits.size(0), "], dtype ", sd, " and device ", logits.device(),
-              " (as cross_entropy_fwd returns it), got ", describe(lse));
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == logits.size(0) && stats.size(1) == 2 && stats.scalar_type() == sd &&
+                  stats.device() == logits.device(),
+              op, ": stats must have shape [", logits.size(0), ", 2], dtype ", sd, " and device ", logits.device(),
+              " (the rows' max and log-sum, as cross_entropy_fwd returns them), got ", describe(stats));
 }
 
 CrossEntropyFwdOut ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
@@ -214,9 +214,9 @@ CrossEntropyFwdOut ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target
 }
 
 at::Tensor ce_bwd_cpu(const at::Tensor& dloss, const at::Tensor& logits, const at::Tensor& targets,
-                      const at::Tensor& lse, int64_t ignore_index) {
-  check_ce_bwd(dloss, logits, targets, lse, ignore_index);
-  return cross_entropy_bwd_cpu(dloss, logits.contiguous(), targets.contiguous(), lse.contiguous(), ignore_index);
+                      const at::Tensor& stats, int64_t ignore_index) {
+  check_ce_bwd(dloss, logits, targets, stats, ignore_index);
+  return cross_entropy_bwd_cpu(dloss, logits.contiguous(), targets.contiguous(), stats.contiguous(), ignore_index);
 }
 
 CrossEntropyFwdOut ce_fwd_cuda(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
@@ -226,10 +226,10 @@ CrossEntropyFwdOut ce_fwd_cuda(const at::Tensor& logits, const at::Tensor& targe
 }
 
 at::Tensor ce_bwd_cuda(const at::Tensor& dloss, const at::Tensor& logits, const at::Tensor& targets,
-                       const at::Tensor& lse, int64_t ignore_index) {
-  check_ce_bwd(dloss, logits, targets, lse, ignore_index);
+                       const at::Tensor& stats, int64_t ignore_index) {
+  check_ce_bwd(dloss, logits, targets, stats, ignore_index);
   TORCH_CHECK(cuda_kernels().cross_entropy_bwd != nullptr, "cross_entropy_bwd: ", kNoCuda);
-  return cuda_kernels().cross_entropy_bwd(dloss, logits.contiguous(), targets.contiguous(), lse.contiguous(),
+  return cuda_kernels().cross_entropy_bwd(dloss, logits.contiguous(), targets.contiguous(), stats.contiguous(),
                                           ignore_index);
 }
 
@@ -239,9 +239,9 @@ TORCH_LIBRARY_FRAGMENT(llm_kernels, m) {
   m.def(
       "add_layer_norm_fwd(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps) -> "
       "(Tensor y, Tensor sum, Tensor mean, Tensor rstd)");
-  m.def("cross_entropy_fwd(Tensor logits, Tensor targets, int ignore_index) -> (Tensor loss, Tensor lse)");
+  m.def("cross_entropy_fwd(Tensor logits, Tensor targets, int ignore_index) -> (Tensor loss, Tensor stats)");
   m.def(
-      "cross_entropy_bwd(Tensor dloss, Tensor logits, Tensor targets, Tensor lse, int ignore_index) -> "
+      "cross_entropy_bwd(Tensor dloss, Tensor logits, Tensor targets, Tensor stats, int ignore_index) -> "
       "Tensor dlogits");
 }
 

@@ -41,6 +41,15 @@ def rows_per_chunk(N: int, V: int, chunk_rows: int | None) -> int:
     return max(1, min(N, rows))
 
 
+def check_targets(targets: torch.Tensor, V: int, ignore_index: int) -> None:
+    """A target outside [0, V) that is not ``ignore_index`` is an error, without a host sync: on a GPU
+    ``torch._assert_async`` fails the next synchronization with a device-side assert (as
+    ``F.cross_entropy`` does), so a wrong target can never be scored silently as some other class.
+    (The public API has already rejected such targets with a message for CPU tensors.)"""
+    ok = ((targets >= 0) & (targets < V)) | (targets == ignore_index)
+    torch._assert_async(ok.all(), f"cross_entropy: a target is outside [0, {V}) and is not ignore_index={ignore_index}")
+
+
 def valid_count_scale(
     targets: torch.Tensor, ignore_index: int, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +80,7 @@ def fused_linear_cross_entropy(
     N, C = hidden.shape
     V = weight.shape[0]
     rows = rows_per_chunk(N, V, chunk_rows)
+    check_targets(targets, V, ignore_index)
     acc = reference._compute_dtype(hidden.dtype)
     need_grad = need_grad_hidden or need_grad_weight
     _, scale = valid_count_scale(targets, ignore_index, acc)

@@ -142,27 +142,27 @@ def add_layer_norm(
 def _cross_entropy_fwd_fake(logits, targets, ignore_index):
     torch._check(logits.dim() == 2, lambda: f"cross_entropy_fwd: logits must be 2-D (N, V), got shape {tuple(logits.shape)}")
     stats = _stats_dtype(logits.dtype)
-    # loss 0-d; lse (N,)
-    return logits.new_empty((), dtype=stats), logits.new_empty((logits.shape[0],), dtype=stats)
+    # loss 0-d; stats (N, 2): each row's max and log-sum, kept apart (see csrc/cross_entropy_cpu.cpp)
+    return logits.new_empty((), dtype=stats), logits.new_empty((logits.shape[0], 2), dtype=stats)
 
 
 @torch.library.register_fake("llm_kernels::cross_entropy_bwd")
-def _cross_entropy_bwd_fake(dloss, logits, targets, lse, ignore_index):
+def _cross_entropy_bwd_fake(dloss, logits, targets, stats, ignore_index):
     torch._check(logits.dim() == 2, lambda: f"cross_entropy_bwd: logits must be 2-D (N, V), got shape {tuple(logits.shape)}")
     return logits.new_empty(logits.shape)  # dlogits (N, V) contiguous in logits' dtype
 
 
 def _cross_entropy_setup_context(ctx, inputs, output):
     logits, targets, ignore_index = inputs
-    _loss, lse = output
-    ctx.save_for_backward(logits, targets, lse)
+    _loss, stats = output
+    ctx.save_for_backward(logits, targets, stats)
     ctx.ignore_index = ignore_index
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(stats)
 
 
-def _cross_entropy_backward(ctx, dloss, _dlse):
-    logits, targets, lse = ctx.saved_tensors
-    return _ops.cross_entropy_bwd(dloss, logits, targets, lse, ctx.ignore_index), None, None
+def _cross_entropy_backward(ctx, dloss, _dstats):
+    logits, targets, stats = ctx.saved_tensors
+    return _ops.cross_entropy_bwd(dloss, logits, targets, stats, ctx.ignore_index), None, None
 
 
 torch.library.register_autograd(
@@ -180,16 +180,17 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if logits.device.type == "cuda" and logits.dtype == torch.float64:
         return reference.cross_entropy(logits, targets, ignore_index)
     V = logits.shape[-1]
-    loss, _lse = _ops.cross_entropy_fwd(logits.reshape(-1, V), targets.reshape(-1).long(), int(ignore_index))  # (N, V), (N,)
+    _chunked_linear_ce.check_targets(targets, V, ignore_index)  # on a GPU: an error, not a NaN loss
+    loss, _stats = _ops.cross_entropy_fwd(logits.reshape(-1, V), targets.reshape(-1).long(), int(ignore_index))  # (N, V), (N,)
     return loss
 
 
 def _chunk_ce(logits, targets, ignore_index, need_grad):
     """The chunk kernel of the shared linear-CE loop: summed loss and softmax - onehot (scale 1)."""
-    loss, lse = _ops.cross_entropy_fwd(logits, targets, ignore_index)
+    loss, stats = _ops.cross_entropy_fwd(logits, targets, ignore_index)
     n_valid = (targets != ignore_index).sum().to(loss.dtype)  # on the device: no host sync
     # the op returns the chunk's mean; dloss = n_valid makes its gradient scale dloss / n_valid exactly 1
-    dlogits = _ops.cross_entropy_bwd(n_valid, logits, targets, lse, ignore_index) if need_grad else None
+    dlogits = _ops.cross_entropy_bwd(n_valid, logits, targets, stats, ignore_index) if need_grad else None
     return loss * n_valid, dlogits
 
 

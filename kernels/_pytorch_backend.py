@@ -12,6 +12,7 @@ Semantics match the reference, with two details PyTorch's ops do differently han
   reference's bottom-right mask is passed explicitly instead.
 * ``F.cross_entropy`` with every target ignored returns 0/0 = nan; the reference returns 0, so the
   mean is taken here as ``sum / max(count, 1)``.
+* ``F.cross_entropy`` takes int64 targets only; the API also accepts int32, which is widened here.
 
 Outputs are in the inputs' dtype (the loss in fp32), computed the way PyTorch computes them, so in
 bf16 these carry PyTorch's own low-precision error -- exactly the yardstick the tests hold us to.
@@ -50,7 +51,7 @@ def add_layer_norm(
 @register("pytorch", "cross_entropy")
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     logits = logits.reshape(-1, logits.shape[-1])  # (N, V)
-    targets = targets.reshape(-1)  # (N,)
+    targets = targets.reshape(-1).long()  # (N,); F.cross_entropy takes int64 class ids only, the API int32 too
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # as autocast does for F.cross_entropy
     total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")

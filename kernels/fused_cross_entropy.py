@@ -1,15 +1,16 @@
 """Triton kernels for the loss: fused softmax-cross-entropy and the chunked LM head + loss.
 
-Math.  For one row of logits z (V,) with target y, loss = logsumexp(z) - z_y and
-    d loss / d z = softmax(z) - onehot(y).
+Math.  For one row of logits z (V,) with target y and m = max(z), d = sum(exp(z - m)):
+    loss = log d - (z_y - m),   d loss / d z = softmax(z) - onehot(y) = exp((z - m) - log d) - onehot(y).
+(log d and z_y - m stay apart, as in PyTorch's log_softmax: lse = m + log d rounded to fp32 would
+carry an error of ulp(max |z|) into the loss and every probability.)
 The public loss is the mean over the n_valid rows whose target is not ``ignore_index`` (0 when
 there are none), so each valid row's gradient is scaled by 1/n_valid and ignored rows get zero.
 n_valid is counted on the device and read by the kernel through a pointer: no host sync.
 
 Cross-entropy (``cross_entropy``).  One program per row, two sweeps over the vocab in BLOCK_V
 pieces (V = 50257 takes 13 blocks of 4096): sweep 1 keeps an online max m and sum d of exp(z - m)
-(rescaling d whenever m grows), giving lse = m + log d; sweep 2 writes (exp(z - lse) - onehot) *
-scale.  Everything is fp32 in registers whatever the storage dtype; row offsets are int64.  As in
+(rescaling d whenever m grows); sweep 2 writes (exp((z - m) - log d) - onehot) * scale.  Everything is fp32 in registers whatever the storage dtype; row offsets are int64.  As in
 Liger / llm.c the gradient is produced in the forward pass (for grad_out = 1) and backward only
 multiplies it by grad_out.  Bytes moved: the kernel reads the logits twice and writes the gradient
 once (3 N V elements), backward's grad_out scaling reads and writes it once more (5 N V in all),
@@ -27,7 +28,9 @@ read by the two gradient matmuls.
 Limits.  float64 inputs fall back to ``kernels.reference`` (Triton has no fast fp64 path).  The
 stored gradients (N, V for cross_entropy) live from forward to backward; calling backward twice
 (retain_graph) is fine since backward does not modify them.  Targets outside [0, V) that are not
-``ignore_index`` are only bounds-masked on the GPU (the API rejects them for CPU tensors).  On the
+``ignore_index`` are an error: the API rejects them for CPU tensors, and on a GPU
+``check_targets``' device-side assert fails the next synchronization (the kernel itself only
+bounds-masks them so that it never reads out of bounds).  On the
 CPU (or a torch without mm's out_dtype) the fp16/bf16 per-chunk dlogits^T @ h product is rounded to
 the input dtype before the fp32 sum.
 """
@@ -39,6 +42,7 @@ import triton.language as tl
 
 from . import reference
 from ._chunked_linear_ce import _CHUNK_ELEMS  # noqa: F401  (re-exported: the chunk size)
+from ._chunked_linear_ce import check_targets
 from ._chunked_linear_ce import linear_cross_entropy_chunked as _chunked
 from ._chunked_linear_ce import rows_per_chunk as _chunk_rows  # noqa: F401  (re-exported)
 from ._chunked_linear_ce import valid_count_scale as _valid_count_scale
@@ -75,9 +79,11 @@ def _ce_kernel(
         m_new = tl.maximum(m, tl.max(z, axis=0))
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
-    lse = m + tl.log(d)
+    log_d = tl.log(d)
     z_y = tl.load(z_row + y_safe).to(tl.float32)
-    tl.store(loss_ptr + row, tl.where(valid, lse - z_y, 0.0))
+    # log d - (z_y - m), the two terms kept apart (as PyTorch's log_softmax): m + log d would be rounded
+    # to the precision of m first, an error of ulp(max |z|)
+    tl.store(loss_ptr + row, tl.where(valid, log_d - (z_y - m), 0.0))
 
     # sweep 2: gradient (softmax - onehot) * scale, zero for ignored rows
     if WRITE_GRAD:
@@ -87,7 +93,7 @@ def _ce_kernel(
             cols = start + offs
             mask = cols < V
             z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
-            p = tl.exp(z - lse)
+            p = tl.exp((z - m) - log_d)
             g = (p - tl.where(cols == y, 1.0, 0.0)) * scale
             tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
 
@@ -161,6 +167,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     """Mean cross-entropy of logits (..., V) against targets (...); fp32 scalar (see module doc)."""
     if logits.dtype == torch.float64:
         return reference.cross_entropy(logits, targets, ignore_index)
+    check_targets(targets, logits.shape[-1], ignore_index)
     if torch.is_grad_enabled() and logits.requires_grad:
         return _CrossEntropy.apply(logits, targets, ignore_index)
     y = targets.reshape(-1)

@@ -3,8 +3,9 @@
 #
 # Algorithm
 #   x is viewed as M rows of width C (the last dim).  Forward: one program per row loads the whole
-#   row into registers (BLOCK_C = next_power_of_2(C), masked), computes mean and the biased variance
-#   in fp32 (two passes over registers, not E[x^2] - mean^2, so no cancellation), writes
+#   row into registers (BLOCK_C = next_power_of_2(C), masked), computes mean (of x - x[0], plus x[0]:
+#   exact for constant rows) and the biased variance in fp32 (two passes over registers, not
+#   E[x^2] - mean^2, so no cancellation), writes
 #   y = (x - mean) * rstd * w + b with one cast to x's dtype, and saves mean and rstd (fp32, M each)
 #   for backward.  The add variant loads x and residual, forms s = x + r in fp32, rounds it to x's
 #   dtype, stores it, and normalizes that rounded s (the tensor the caller gets and backward sees).
@@ -95,7 +96,10 @@ def _ln_fwd_kernel(
         s = (x + r).to(S.dtype.element_ty)  # the sum in x's dtype: what the caller gets
         tl.store(S + row * C + cols, s, mask=mask)
         x = _up(s, IS_FP64)  # normalize the rounded sum, exactly the tensor backward will see
-    mean = tl.sum(x, axis=0) / C
+    # the mean of x - x[0], plus x[0]: exact for a constant row (which then normalizes to exactly 0),
+    # and small summands for rows like 1e4 + noise
+    shift = tl.sum(tl.where(cols == 0, x, 0.0), axis=0)
+    mean = shift + tl.sum(tl.where(mask, x - shift, 0.0), axis=0) / C
     diff = tl.where(mask, x - mean, 0.0)  # masked lanes must not add (0 - mean)^2 to the variance
     var = tl.sum(diff * diff, axis=0) / C
     rstd = 1.0 / tl.sqrt(var + eps)

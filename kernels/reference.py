@@ -80,7 +80,11 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     with _exact(x.device):
         acc = _compute_dtype(x.dtype)
         x = x.to(acc)
-        mean = x.mean(dim=-1, keepdim=True)  # (..., 1)
+        # the mean of x - x[..., :1], plus x[..., :1]: exact for a constant row (which then normalizes
+        # to exactly 0 rather than to rounding noise times 1/sqrt(eps)), small summands for rows like
+        # 1e4 + noise; the shift is a constant, so it changes nothing mathematically
+        shift = x[..., :1].detach()  # (..., 1)
+        mean = shift + (x - shift).mean(dim=-1, keepdim=True)  # (..., 1)
         var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)  # (..., 1)
         x_hat = (x - mean) * torch.rsqrt(var + eps)  # (..., C), zero mean, unit variance
         y = x_hat * weight.to(acc) + bias.to(acc)
@@ -107,15 +111,21 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     ``ignore_index`` contribute nothing, and the mean is over the remaining positions.  When every
     target is ignored the loss is 0 (not 0/0 = nan as in ``F.cross_entropy``), so a fully-masked batch
     in fine-tuning cannot poison training.  Returns a float32 scalar (float64 for float64 logits).
+
+    Non-finite logits follow log-softmax's IEEE arithmetic, in every backend: a row holding a NaN or
+    a +inf logit has a NaN loss and NaN gradients (+inf - +inf); a -inf logit is a probability of 0
+    (its target's loss is +inf).
     """
     with _exact(logits.device):
         acc = _compute_dtype(logits.dtype)
         logits = logits.to(acc).reshape(-1, logits.shape[-1])  # (N, V)
         targets = targets.reshape(-1)  # (N,)
-        # log-softmax written out: log p_j = z_j - log(sum_i exp(z_i)), stabilised by the row max
+        # log-softmax written out: log p_j = (z_j - m) - log(sum_i exp(z_i - m)) with m the row max.
+        # The two terms stay apart, as in PyTorch's log_softmax: folding them into lse = m + log(sum)
+        # first would round lse to the precision of m, an error of ulp(max |z|) (1e-3 at logits of 1e4).
         row_max = logits.amax(dim=-1, keepdim=True).detach()  # (N, 1)
-        log_norm = row_max + torch.log(torch.exp(logits - row_max).sum(dim=-1, keepdim=True))  # (N, 1)
-        log_probs = logits - log_norm  # (N, V)
+        shifted = logits - row_max  # (N, V), <= 0
+        log_probs = shifted - torch.log(torch.exp(shifted).sum(dim=-1, keepdim=True))  # (N, V)
         keep = targets != ignore_index  # (N,)
         safe_targets = torch.where(keep, targets, torch.zeros_like(targets)).long()  # any valid index
         nll = -log_probs.gather(1, safe_targets.unsqueeze(1)).squeeze(1)  # (N,)

@@ -87,8 +87,8 @@ def test_opcheck_cross_entropy_ops():
     z = _logits((5, 9), torch.float32)
     y = _targets((5,), 9, 2, ignore_index=4)
     torch.library.opcheck(ops.cross_entropy_fwd.default, (z, y, 4))
-    _, lse = ops.cross_entropy_fwd(z, y, 4)
-    torch.library.opcheck(ops.cross_entropy_bwd.default, (torch.tensor(1.5), z, y, lse, 4))
+    _, stats = ops.cross_entropy_fwd(z, y, 4)
+    torch.library.opcheck(ops.cross_entropy_bwd.default, (torch.tensor(1.5), z, y, stats, 4))
 
 
 def test_backend_registers_the_loss_ops_and_auto_never_picks_cuda():
@@ -100,13 +100,15 @@ def test_backend_registers_the_loss_ops_and_auto_never_picks_cuda():
     assert "cuda" not in backends.AUTO_PREFERENCE["cpu"] and "cuda" not in backends.AUTO_PREFERENCE["cuda"]
 
 
-def test_saved_lse_is_the_rows_logsumexp():
+def test_saved_stats_are_the_rows_max_and_log_sum_kept_apart():
     z = _logits((6, 300), torch.float32)
     y = _targets((6,), 300)
-    loss, lse = ops.cross_entropy_fwd(z, y, -100)
-    assert lse.dtype == torch.float32 and lse.shape == (6,)
-    torch.testing.assert_close(lse, torch.logsumexp(z, -1))
-    torch.testing.assert_close(loss, (lse - z.gather(1, y[:, None])[:, 0]).mean())
+    loss, stats = ops.cross_entropy_fwd(z, y, -100)
+    assert stats.dtype == torch.float32 and stats.shape == (6, 2)
+    m, log_s = stats.unbind(1)
+    torch.testing.assert_close(m, z.amax(-1), atol=0, rtol=0)
+    torch.testing.assert_close(log_s, torch.logsumexp(z - m[:, None], -1))
+    torch.testing.assert_close(loss, (log_s - (z.gather(1, y[:, None])[:, 0] - m)).mean())
 
 
 # ------------------------------------------------------------------------------ CPU kernels vs reference
@@ -167,7 +169,7 @@ def test_cpu_non_contiguous_logits_no_grad_and_retain_graph():
 
 def _bad_calls():
     z, y = torch.randn(4, 9), torch.tensor([1, 2, -100, 8])
-    loss, lse = ops.cross_entropy_fwd(z, y, -100)
+    loss, stats = ops.cross_entropy_fwd(z, y, -100)
     one = torch.tensor(1.0)
     return [
         ("logits", "2-D", lambda: ops.cross_entropy_fwd(torch.randn(9), y, -100)),
@@ -176,10 +178,10 @@ def _bad_calls():
         ("targets", r"shape \[4\]", lambda: ops.cross_entropy_fwd(z, y[:3], -100)),
         ("targets", r"in \[0, 9\) or equal ignore_index=-100; found 9 at row 1",
          lambda: ops.cross_entropy_fwd(z, torch.tensor([1, 9, 2, 3]), -100)),
-        ("targets", "found -100 at row 2", lambda: ops.cross_entropy_bwd(one, z, y, lse, -1)),
-        ("dloss", "0-d", lambda: ops.cross_entropy_bwd(one.reshape(1), z, y, lse, -100)),
-        ("lse", "dtype Float", lambda: ops.cross_entropy_bwd(one, z, y, lse.double(), -100)),
-        ("lse", r"shape \[4\]", lambda: ops.cross_entropy_bwd(one, z, y, lse[:2], -100)),
+        ("targets", "found -100 at row 2", lambda: ops.cross_entropy_bwd(one, z, y, stats, -1)),
+        ("dloss", "0-d", lambda: ops.cross_entropy_bwd(one.reshape(1), z, y, stats, -100)),
+        ("stats", "dtype Float", lambda: ops.cross_entropy_bwd(one, z, y, stats.double(), -100)),
+        ("stats", r"shape \[4, 2\]", lambda: ops.cross_entropy_bwd(one, z, y, stats[:2], -100)),
     ]
 
 
@@ -354,8 +356,8 @@ def test_gpu_opcheck_ignored_rows_and_out_of_range_targets():
     assert loss.item() == 0.0 and torch.all(grad == 0)
     bad = y.clone()
     bad[3] = 300  # out of range: no trap on the device, a NaN loss and a NaN gradient row instead
-    loss, lse = ops.cross_entropy_fwd(z.detach(), bad, -100)
-    dz = ops.cross_entropy_bwd(torch.ones((), device="cuda"), z.detach(), bad, lse, -100)
+    loss, stats = ops.cross_entropy_fwd(z.detach(), bad, -100)
+    dz = ops.cross_entropy_bwd(torch.ones((), device="cuda"), z.detach(), bad, stats, -100)
     assert torch.isnan(loss) and torch.isnan(dz[3]).all() and not torch.isnan(dz[bad == -100]).any()
 
 
