@@ -7,8 +7,11 @@ value, so it loads with ``torch.load(weights_only=True)`` -- no pickled code run
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -41,10 +44,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and _disk_full(path.parent, exc)  # asked before the temp is gone
         tmp.unlink(missing_ok=True)
+        if full:
+            kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+            raise OSError(errno.ENOSPC, f"no space left on {path.parent} while writing {path.name} ({kept}); "
+                                        "free some space, then --resume") from exc
         raise
     _fsync_dir(path.parent)
+
+
+def _disk_full(folder: Path, exc: Exception) -> bool:
+    """Whether a failed write failed for want of space (torch.save says only "enforce fail at
+    inline_container.cc"): ENOSPC itself, or under 1 MiB left on the file system."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -118,6 +137,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
+RESUME_KEYS = ("model", "model_config", "optimizer", "step", "tokens", "rng", "loader", "loader_mode",
+               "train_config", "initial_val_loss")
+
+
+def check_resumable(ckpt: dict, path: str | os.PathLike) -> None:
+    """CheckpointError naming what a pretraining checkpoint lacks to be resumed (not a KeyError)."""
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"cannot resume from {path}: the checkpoint has no {', '.join(missing)} "
+                              "(damaged, or written by something else); start a new run with --overwrite")
+    if not isinstance(ckpt["rng"], list) or not ckpt["rng"]:
+        raise CheckpointError(f"cannot resume from {path}: its RNG state is empty (one entry per process "
+                              "expected); start a new run with --overwrite")
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """The GPT stored in a training checkpoint, on ``device``, in eval mode."""
     return model_from_checkpoint(load_checkpoint(path, map_location="cpu"), device)
@@ -127,6 +161,9 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu"):
     """The GPT of an already loaded checkpoint dict, on ``device``, in eval mode."""
     from .model import GPT, GPTConfig
 
+    missing = [k for k in ("model", "model_config") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"the checkpoint holds no {' or '.join(missing)}: not a model checkpoint, or damaged")
     model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
@@ -175,3 +212,51 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per output folder at a time.
+
+
+class RunLock:
+    """An exclusive lock on ``<out_dir>/.lock`` for as long as a run writes there: a second run
+    started in the same folder fails at once with a message, instead of two runs interleaving their
+    checkpoints and logs.  An OS file lock (flock; msvcrt on Windows): it goes away with the process,
+    even when that is killed, so a crashed run never leaves the folder locked (only, then, the empty
+    ``.lock`` file, which the next run takes over)."""
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.path = Path(out_dir) / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _lock(fd)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() if hasattr(os, "pread") else ""
+            os.close(fd)
+            raise FileExistsError(f"another run is writing to {self.path.parent} ({holder or 'pid unknown'}): "
+                                  "wait for it to finish, or use another --out-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held: the folder is left as the run made it
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
+
+
+def _lock(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

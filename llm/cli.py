@@ -158,8 +158,10 @@ def run_generate(args: argparse.Namespace) -> int:
     kw = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
               use_cache=args.use_cache, generator=gen)
     if len(prompts) == 1:  # stream it, token by token
-        sys.stdout.write(prompts[0])
-        for piece in stream_text(model, tokenizer, prompts[0], args.max_new_tokens, **kw):
+        pieces = stream_text(model, tokenizer, prompts[0], args.max_new_tokens, **kw)
+        first = next(pieces, "")  # checks the settings and the prompt (and samples): errors come before output
+        sys.stdout.write(prompts[0] + first)
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileExistsError, FileNotFoundError, NotADirectoryError, ValueError) as exc:
         return _fail(exc, EXIT_USAGE)
     except (RuntimeError, OSError) as exc:  # e.g. a corpus that cannot be downloaded offline
+        return _fail(exc, EXIT_FAILED)
+    except ImportError as exc:  # an optional package a command needs (datasets, transformers)
         return _fail(exc, EXIT_FAILED)
 
 

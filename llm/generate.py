@@ -31,6 +31,10 @@ def _check_sampling_args(temperature, top_k, top_p) -> None:
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    if top_p is not None and float(torch.tensor(top_p, dtype=torch.float32)) < torch.finfo(torch.float32).tiny:
+        raise ValueError(f"top_p {top_p!r} underflows in float32, where the probabilities are compared (the "
+                         f"smallest is {torch.finfo(torch.float32).tiny:.3g}): every token would be dropped; "
+                         "for the single most likely token use top_k=1 (--top-k 1) or temperature 0")
 
 
 def sample_next(

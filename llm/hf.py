@@ -163,7 +163,13 @@ def _read_hf_weights(ckpt_dir: str) -> dict[str, torch.Tensor]:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         return {k: t for shard in shards for k, t in load_file(os.path.join(ckpt_dir, shard)).items()}
     if os.path.isfile(legacy):
-        return torch.load(legacy, map_location="cpu", weights_only=True)
+        try:  # weights_only: a pickle that would run code is refused, not executed
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001  (UnpicklingError and friends: say what and why)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"refusing to load {legacy}: it is not a plain tensor file ({first[:200]}); a pickle "
+                             "that would run code on load is never executed -- get the model's model.safetensors, "
+                             "or convert the file where you trust it") from None
     raise FileNotFoundError(
         f"no weights in {ckpt_dir!r}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
     )

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from kernels import BACKENDS
 
 from . import distributed, train_setup
-from .checkpoint import (FORMAT, CheckpointError, atomic_save, capture_rng, load_checkpoint, load_model,
-                         remove_stale_temps, restore_rng, to_plain)
+from .checkpoint import (FORMAT, CheckpointError, RunLock, atomic_save, capture_rng, check_resumable,
+                         load_checkpoint, load_model, remove_stale_temps, restore_rng, to_plain)
 from .optim import configure_optimizer, lr_at, set_lr
 from .train_log import MetricsLog, plot_losses
 
@@ -198,7 +198,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     try:
-        with train_setup.kernels_backend(cfg.kernels):
+        lock = RunLock(cfg.out_dir) if dist.is_main else contextlib.nullcontext()
+        with lock, train_setup.kernels_backend(cfg.kernels):
             return Trainer(cfg, device, dist, on_step).run()
     finally:
         distributed.teardown(dist)
@@ -220,9 +221,12 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         train_setup.seed_everything(cfg.seed)
         ckpt = self._load_resume_checkpoint()
-        self._clear_out_dir()
+        if dist.is_main:
+            remove_stale_temps(self.ckpt_path)  # temp files of checkpoints killed mid-write
 
         self._prepare_data()
+        if ckpt is not None:
+            self._check_same_data(ckpt)
         planned = train_setup.planned_block_size(cfg, ckpt)
         if planned is not None:  # fail before building the model when the splits are too short
             self._check_split_lengths(planned)
@@ -247,6 +251,7 @@ class Trainer:
         elif dist.rank > 0:
             torch.manual_seed(cfg.seed + dist.rank)  # rank 0 matches a 1-process run; others get own dropout masks
         self.model = self._wrap(self.raw_model)
+        self._clear_out_dir()  # only now: a bad flag or a typo in --data must not have cost the old run
         self.metrics = MetricsLog(self.out_dir / METRICS_NAME, enabled=dist.is_main,
                                   resume_step=self.step if ckpt is not None else None)
         self.losses: list[float] = []
@@ -267,6 +272,7 @@ class Trainer:
             kind = ckpt.get("kind", "unknown")
             raise CheckpointError(f"cannot resume from {self.ckpt_path}: it is not a pretraining checkpoint (kind "
                                   f"{kind!r}, no optimizer or training state); use a fresh --out-dir")
+        check_resumable(ckpt, self.ckpt_path)
         changed = check_resume_config(ckpt.get("train_config", {}), self.cfg, ckpt.get("world_size", 1),
                                       self.dist.world_size)
         for name, (was, now) in changed.items():
@@ -274,14 +280,22 @@ class Trainer:
         return ckpt
 
     def _clear_out_dir(self) -> None:
-        """Rank 0: drop temp files of checkpoints killed mid-write, and with --overwrite the old
-        run's files, so that the folder never mixes two runs."""
-        if not self.dist.is_main:
-            return
-        remove_stale_temps(self.ckpt_path)
-        if self.cfg.overwrite:
+        """Rank 0, with --overwrite: delete the old run's files, so that the folder never mixes two
+        runs.  Called once the data, the model and every setting have been checked."""
+        if self.dist.is_main and self.cfg.overwrite:
             for name in (CKPT_NAME, METRICS_NAME, PLOT_NAME):
                 (self.out_dir / name).unlink(missing_ok=True)
+
+    def _check_same_data(self, ckpt: dict) -> None:
+        """Resuming on other data than the run started on (a corpus edited in place, even to the same
+        token count) would continue silently on a different stream: compare the input's sha256."""
+        was = (ckpt.get("data_meta") or {}).get("sha256")
+        now = self.prepared.meta.get("sha256")
+        if was and now and was != now:
+            raise CheckpointError(
+                f"cannot resume {self.ckpt_path}: the training data changed since the run started "
+                f"(--data {self.cfg.data}: sha256 {now[:16]}... now, {was[:16]}... in the checkpoint); "
+                "put the original data back, or start a new run with --overwrite or another --out-dir")
 
     def _check_split_lengths(self, block_size: int) -> None:
         """A clear error when a split cannot hold one window (the loader's own error blames the data)."""

@@ -14,17 +14,36 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 from .checkpoint import atomic_write, atomic_write_text
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict]:
+def read_metrics(path: str | os.PathLike, *, require_step: bool = False) -> list[dict]:
+    """The records of a metrics.jsonl.  A torn last line (the run died, or the disk filled, mid-write)
+    is dropped with a notice; any other line that is not a JSON object is an error naming the file
+    and line, as is a record without a ``step`` when ``require_step``."""
     path = Path(path)
     if not path.is_file():
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if k == len(lines) - 1 and not line.endswith("\n"):
+                warnings.warn(f"{path}: dropped a torn last record (line {i}: the run stopped mid-write)", stacklevel=2)
+                break
+            raise ValueError(f"{path}, line {i}: not a JSON record ({exc.msg}); fix or delete the line") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {i}: a record must be a JSON object, got {type(record).__name__}")
+        if require_step and "step" not in record:
+            raise ValueError(f"{path}, line {i}: a record without \"step\": {line.strip()[:120]}")
+        records.append(record)
+    return records
 
 
 def step_losses(records: list[dict]) -> list[float]:
@@ -43,7 +62,7 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
-            self.records = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            self.records = [r for r in read_metrics(self.path, require_step=True) if r["step"] <= resume_step]
         # A fresh run starts a fresh log; a resumed one keeps the records up to its checkpoint.
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 

@@ -142,7 +142,7 @@ def hf_documents(spec: HFSpec) -> list[Document]:
     except ImportError as e:
         raise ImportError(
             f"loading {HF_PREFIX}{spec.name} needs the Hugging Face 'datasets' package: "
-            "pip install datasets"
+            "pip install datasets (or pip install -e .[hf])"
         ) from e
     ds = datasets.load_dataset(
         spec.name,

@@ -145,7 +145,8 @@ def prepare(
     replace = force or final.exists()  # an existing folder here is damaged or to be redone
     docs = resolve_source(source, **hf_kwargs)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    remove_stale_folders(final.parent)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{os.getpid()}-"))
     try:
         meta = _tokenize_and_split(source, docs, tokenizer, val_fraction, tmp, progress)
         meta["key"] = key
@@ -226,7 +227,7 @@ def _publish(tmp: Path, final: Path, *, replace: bool) -> None:
     if final.exists():
         if not replace:
             return  # another process finished the same prepare first; theirs is as good as ours
-        old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
+        old = final.with_name(f".{final.name}.tmp-{os.getpid()}-old{time.time_ns()}")
         os.rename(final, old)
         try:
             os.rename(tmp, final)
@@ -238,6 +239,23 @@ def _publish(tmp: Path, final: Path, *, replace: bool) -> None:
     except OSError:
         if not _is_complete(final):  # lost a race with another process: keep its result
             raise
+
+
+_WORK_FOLDER = re.compile(r"^\..+\.tmp-(\d+)-")
+
+
+def remove_stale_folders(tokens_dir: Path) -> list[Path]:
+    """Delete the work folders (``.<name>.tmp-<pid>-*``) of prepares that were killed mid-way: a
+    folder whose pid is no longer alive is a leftover (a live one may be another prepare, running)."""
+    from ..checkpoint import _pid_alive
+
+    removed = []
+    for folder in tokens_dir.glob(".*.tmp-*"):
+        m = _WORK_FOLDER.match(folder.name)
+        if m and folder.is_dir() and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def _fsync(path: Path) -> None:

@@ -37,6 +37,8 @@ def _check_item(item: dict, where: str = "item") -> None:
     if not isinstance(item, dict) or not {"context", "choices", "label"} <= set(item):
         raise ValueError(f"{where}: expected {{context, choices, label}}, got {item!r:.200}")
     choices, label = item["choices"], item["label"]
+    if not isinstance(item["context"], str):
+        raise ValueError(f"{where}: context must be a string, got {type(item['context']).__name__}: {item['context']!r:.100}")
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         raise ValueError(f"{where}: choices must be a list of at least 2 non-empty strings, got {choices!r:.200}")
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
@@ -130,14 +132,20 @@ def from_hellaswag(record: dict) -> dict:
 
     Context: "<activity_label>: <ctx_a> <Ctx_b>" as in lm-evaluation-harness; choices " <ending>".
     """
+    where = f"HellaSwag record {record.get('ind', '?')}" if isinstance(record, dict) else "HellaSwag record"
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {record!r:.200}")
     try:
         endings, label = record["endings"], record["label"]
-        if "ctx_a" in record:
-            ctx = record["ctx_a"] + " " + record.get("ctx_b", "").capitalize()
-        else:
-            ctx = record["ctx"]
+        parts = [record["ctx_a"], record.get("ctx_b", "")] if "ctx_a" in record else [record["ctx"]]
     except KeyError as exc:
         raise ValueError(f"HellaSwag record without {exc.args[0]!r}: {record!r:.200}") from None
+    if not all(isinstance(p, str) for p in parts):
+        raise ValueError(f"{where}: ctx / ctx_a / ctx_b must be strings, got {parts!r:.200}")
+    # a string here would be split into its letters, one "ending" each: refuse it instead
+    if not isinstance(endings, list) or not all(isinstance(e, str) for e in endings):
+        raise ValueError(f"{where}: endings must be a list of strings, got {type(endings).__name__}: {endings!r:.200}")
+    ctx = parts[0] + " " + parts[1].capitalize() if len(parts) == 2 else parts[0]
     if label in ("", None):
         raise ValueError(f"HellaSwag record {record.get('ind', '?')} has no label (the test split is unlabeled)")
     activity = record.get("activity_label")

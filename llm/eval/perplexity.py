@@ -131,7 +131,8 @@ def perplexity(
         bar.close()
         model.train(was_training)
     mean = total_nats / total_tokens
-    return {"loss": mean, "perplexity": math.exp(mean), "tokens": total_tokens}
+    # exp overflows a float past a mean loss of ~709.8 nats: the perplexity is then reported as inf
+    return {"loss": mean, "perplexity": math.exp(mean) if mean < 709.0 else float("inf"), "tokens": total_tokens}
 
 
 def _same_length(windows: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
