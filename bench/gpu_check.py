@@ -15,7 +15,8 @@ construction, whatever any step does:
   triton     the Triton GPU tests run in several pytest processes at once (tests/test_lowp.py: forward
              and every gradient in fp16 and bf16 against the fp32 reference, within 2x PyTorch's own
              error; plus the gpu tests of tests/test_triton_*.py), so their compiles use every core
-  cuda       the extension's GPU tests, once the build is done (tests/test_lowp.py, tests/test_cuda_*.py)
+  cuda       the extension's GPU tests, once the build is done (tests/test_lowp.py, tests/test_cuda_*.py,
+             tests/test_hostile_inputs.py: non-finite attention inputs on the CUDA kernels)
   bench      the GPU alone: attention (D 64/128, T 1024/4096, fwd and fwd+bwd, every SDPA backend),
              LayerNorm and add-LayerNorm at 768/4096 (F.layer_norm, torch.compile), cross-entropy and
              linear-CE at N = 16384, V = 50257 (time and peak memory), GPT-2 124M training, 10 timed
@@ -67,7 +68,7 @@ SUMMARY_RESERVE = 15
 TRITON_TESTS = ["tests/test_lowp.py", "tests/test_triton_attention.py", "tests/test_triton_layernorm.py",
                 "tests/test_triton_cross_entropy.py", "tests/test_triton_model.py"]
 CUDA_TESTS = ["tests/test_lowp.py", "tests/test_cuda_attention.py", "tests/test_cuda_cross_entropy.py",
-              "tests/test_cuda_ext.py"]
+              "tests/test_cuda_ext.py", "tests/test_hostile_inputs.py"]
 
 RACECHECK_SCRIPT = """
 import torch, kernels

@@ -217,8 +217,13 @@ __global__ void __launch_bounds__(kThreads)
   for (int kt = 0; kt < n_tiles; ++kt) {
     const int j0 = kt * kBlockN;
     __syncthreads();  // every warp is done with the previous sK, sV
-    load_tile<kBlockN, D>(sK, k, j0, Tk);
-    load_tile<kBlockN, D>(sV, v, j0, Tk);
+    if (j0 + kBlockN - 1 > i0 + offset || j0 + kBlockN > Tk) {  // a masked tile (need_mask below): its
+      load_tile<kBlockN, D, T>(sK, k, j0, Tk);  // non-finite K, V entries are zeroed, or a key a
+      load_tile<kBlockN, D, T>(sV, v, j0, Tk);  // query does not see would reach dQ as 0 * nan
+    } else {
+      load_tile<kBlockN, D>(sK, k, j0, Tk);
+      load_tile<kBlockN, D>(sV, v, j0, Tk);
+    }
     __syncthreads();
 
     // S = Q K^T, then P = exp2(S * scale*log2e - lse*log2e), 0 where masked
@@ -264,6 +269,7 @@ __global__ void __launch_bounds__(kThreads)
     // dS = P (dP - delta_i); dQ += dS K: A = dS (16 queries x k16 keys), B = K rows (key, d)
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
+      // masked tiles had their non-finite K and V zeroed above, so a masked P = 0 meets a finite dP here
 #pragma unroll
       for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - drow[e >> 1]);
     }

@@ -113,7 +113,11 @@ void fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_
         }
       }
       for (int64_t r = 0; r < mq; ++r) {
-        const acc_t inv = acc_t(1) / l[r];
+        // a row that attends to a non-finite value is NaN, all of it (an inf in v would leave inf in
+        // some columns only); masked keys were never read, so the future cannot reach it
+        const bool bad = std::any_of(acc.begin() + r * D, acc.begin() + (r + 1) * D,
+                                     [](acc_t a) { return !std::isfinite(a); });
+        const acc_t inv = bad ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(1) / l[r];
         scalar_t* orow = o + (bh * dm.Tq + i0 + r) * D;
         for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(acc[r * D + d] * inv);
         lse[bh * dm.Tq + i0 + r] = m[r] + std::log(l[r]);

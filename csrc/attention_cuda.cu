@@ -76,12 +76,27 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks<D>())
   const int row0 = i0 + warp * 16 + g;  // this lane's rows: row0, row0 + 8
   const int last_key = min(Tk - 1, i0 + kBlockM - 1 + offset);
   const int n_tiles = last_key / kBlockN + 1;
+  __shared__ int s_bad[kBlockN];  // masked tiles: key j's value row holds an inf or nan
+  bool hit[2] = {false, false};   // rows g, g+8 see such a value inside a masked tile
 
   for (int kt = 0; kt < n_tiles; ++kt) {
     const int j0 = kt * kBlockN;
     __syncthreads();  // every warp is done with the previous tile (and with the Q tile in sK)
     load_tile<kBlockN, D>(sK, k, j0, Tk);
     load_tile<kBlockN, D>(sV, v, j0, Tk);
+    // some (query, key) pair of this block is masked: the tile crosses the diagonal or the tail
+    const bool need_mask = j0 + kBlockN - 1 > i0 + offset || j0 + kBlockN > Tk;
+    if (need_mask) {  // a non-finite v_j must not reach the rows that do not see j as P * V = 0 * nan:
+      for (int jj = threadIdx.x; jj < kBlockN; jj += kThreads) s_bad[jj] = 0;
+      __syncthreads();  // zero it in shared memory, and flag key j (its viewers are set to NaN below)
+      for (int idx = threadIdx.x; idx < kBlockN * D; idx += kThreads) {
+        uint16_t& bits = sV[(idx / D) * LD + idx % D];
+        if (Mma<T>::nonfinite(bits)) {
+          bits = 0;
+          s_bad[idx / D] = 1;
+        }
+      }
+    }
     __syncthreads();
 
     float s[kBlockN / 8][4];  // S = Q K^T: 16 rows x 64 keys of this warp
@@ -96,8 +111,6 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks<D>())
         Mma<T>::run(s[nt], qf[c], b);
       }
     }
-    // some (query, key) pair of this block is masked: the tile crosses the diagonal or the tail
-    const bool need_mask = j0 + kBlockN - 1 > i0 + offset || j0 + kBlockN > Tk;
     float mx[2] = {m[0], m[1]};
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
@@ -105,7 +118,11 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks<D>())
       for (int e = 0; e < 4; ++e) {
         float x = s[nt][e] * scale_log2;
         const int j = j0 + nt * 8 + 2 * t + (e & 1), i = row0 + (e >> 1) * 8;
-        if (need_mask && (j >= Tk || j > i + offset)) x = -INFINITY;
+        if (need_mask && (j >= Tk || j > i + offset)) {
+          x = -INFINITY;
+        } else if (need_mask && s_bad[j - j0]) {
+          hit[e >> 1] = true;
+        }
         s[nt][e] = x;
         mx[e >> 1] = fmaxf(mx[e >> 1], x);
       }
@@ -151,9 +168,16 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks<D>())
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] = quad_sum(l[r]);  // > 0: every query sees key 0
+    // a row that attends to a non-finite value is NaN, all of it (an inf in v would leave inf in
+    // some columns only): any non-finite accumulator, or a flagged key seen in a masked tile
+    bool bad = hit[r];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) bad |= !isfinite(acc[dn][2 * r]) || !isfinite(acc[dn][2 * r + 1]);
+    bad |= __shfl_xor_sync(0xffffffffu, bad, 1);  // the quad of lanes that holds the row
+    bad |= __shfl_xor_sync(0xffffffffu, bad, 2);
     const int i = row0 + r * 8;
     if (i >= Tq) continue;
-    const float inv = 1.f / l[r];
+    const float inv = bad ? __int_as_float(0x7fc00000) : 1.f / l[r];
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {
       *reinterpret_cast<uint32_t*>(o + static_cast<int64_t>(i) * D + dn * 8 + 2 * t) =

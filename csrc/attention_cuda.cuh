@@ -10,6 +10,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "common.h"
 
@@ -51,6 +52,8 @@ struct Mma;
 
 template <>
 struct Mma<__half> {
+  static constexpr uint32_t kExp2 = 0x7C007C00u;  // the exponent bits of two halves: all ones = inf or nan
+  static __device__ __forceinline__ bool nonfinite(uint16_t bits) { return (bits & 0x7C00u) == 0x7C00u; }  // inf, nan
   static __device__ __forceinline__ void run(float c[4], const uint32_t a[4], const uint32_t b[2]) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
@@ -66,6 +69,8 @@ struct Mma<__half> {
 
 template <>
 struct Mma<__nv_bfloat16> {
+  static constexpr uint32_t kExp2 = 0x7F807F80u;
+  static __device__ __forceinline__ bool nonfinite(uint16_t bits) { return (bits & 0x7F80u) == 0x7F80u; }  // inf, nan
   static __device__ __forceinline__ void run(float c[4], const uint32_t a[4], const uint32_t b[2]) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
@@ -117,15 +122,29 @@ __device__ __forceinline__ void c_to_a(uint32_t a[4], const float c0[4], const f
   a[3] = Mma<T>::pack(c1[2], c1[3]);  // row g+8, cols 8+2t, 9+2t
 }
 
+// Two 16-bit values in a word, each replaced by 0 where it is an inf or a nan.
+template <typename T>
+__device__ __forceinline__ uint32_t zero_nonfinite2(uint32_t x) {
+  return x & ~__vcmpeq2(x & Mma<T>::kExp2, Mma<T>::kExp2);  // __vcmpeq2: 0xffff per equal half
+}
+
 // Rows row0 .. row0+ROWS-1 of a contiguous (n_rows, D) matrix into smem rows of D + kPad halves, as
 // 16-byte vectors; rows past n_rows are zero-filled (a masked score times a garbage row would be NaN).
-template <int ROWS, int D>
+// With a type Finite (__half or __nv_bfloat16) every inf and nan is stored as 0 (the backward's masked
+// tiles: dQ += dS K must not turn a masked dS = 0 and a non-finite key or value into 0 * nan).
+template <int ROWS, int D, typename Finite = void>
 __device__ __forceinline__ void load_tile(uint16_t* smem, const uint16_t* gmem, int64_t row0, int64_t n_rows) {
   constexpr int kVecPerRow = D / 8;
   for (int c = threadIdx.x; c < ROWS * kVecPerRow; c += kThreads) {
     const int r = c / kVecPerRow, col = (c % kVecPerRow) * 8;
     uint4 val = make_uint4(0u, 0u, 0u, 0u);
     if (row0 + r < n_rows) val = *reinterpret_cast<const uint4*>(gmem + (row0 + r) * D + col);
+    if constexpr (!std::is_void_v<Finite>) {
+      val.x = zero_nonfinite2<Finite>(val.x);
+      val.y = zero_nonfinite2<Finite>(val.y);
+      val.z = zero_nonfinite2<Finite>(val.z);
+      val.w = zero_nonfinite2<Finite>(val.w);
+    }
     *reinterpret_cast<uint4*>(smem + r * (D + kPad) + col) = val;
   }
 }

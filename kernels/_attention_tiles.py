@@ -99,6 +99,12 @@ DECODE_TILES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
 }
 DECODE_MAX_TQ = 16
 
+# No forward or dq tile has more query rows than this.  It bounds how far back a non-finite key or value
+# can reach in the Triton kernels (see kernels/reference.py, causal_attention): a masked score's
+# probability is 0 and 0 * nan is nan, so inside its diagonal tile position j can reach the rows down
+# to j - (Tk - Tq) - MAX_BLOCK_M + 1, never further.
+MAX_BLOCK_M = 128
+
 
 def _key(c: triton.Config) -> tuple[int, int, int, int]:
     return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages

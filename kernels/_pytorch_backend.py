@@ -10,6 +10,10 @@ Semantics match the reference, with two details PyTorch's ops do differently han
 
 * SDPA's ``is_causal`` aligns the mask top-left; with ``Tq < Tk`` (KV-cache decoding) the
   reference's bottom-right mask is passed explicitly instead.
+* Non-finite attention inputs are left to SDPA, as a PyTorch user gets it: a NaN in a later value
+  vector may reach every earlier row through its masked 0 * nan, unlike the reference and "cuda"
+  (exact) and "triton" (at most 127 rows back; see ``reference.causal_attention``).  Making SDPA follow would cost this baseline extra passes over
+  q, k and v that PyTorch's users do not pay, and the benchmarks would flatter us.
 * ``F.cross_entropy`` with every target ignored returns 0/0 = nan; the reference returns 0, so the
   mean is taken here as ``sum / max(count, 1)``.
 * ``F.cross_entropy`` takes int64 targets only; the API also accepts int32, which is widened here.

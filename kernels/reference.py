@@ -50,6 +50,21 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     sequence, so query i (0-based) sits at absolute position i + Tk - Tq and sees keys 0..i + Tk - Tq.
     With Tq == Tk this is the usual lower-triangular mask; with Tq < Tk it is what a KV cache needs
     (new queries attend to all cached keys plus the new ones up to themselves).
+
+    Non-finite inputs.  A row that attends to a non-finite value -- a NaN or inf in q_i, in a value
+    v_j it sees, a NaN in a key it sees, or an infinite score -- is not finite: here and on the "torch"
+    and "cuda" backends all of it is NaN; on "triton" and "pytorch" it is what IEEE arithmetic gives
+    (an inf in v_j leaves inf or NaN in that column).  An infinite key whose score is -inf is a
+    probability of 0, as a masked key.  A query never reads the future: on "torch" and "cuda" a
+    non-finite value at a later position never reaches row i, neither its output nor its dq, not even
+    as 0 * nan through a masked probability.  The "triton" kernels do what flash-attention's do: inside
+    the diagonal tile a masked probability is 0 and 0 * nan is NaN, so a bad key or value at position j
+    may make rows j - (Tk - Tq) - 127 .. j - (Tk - Tq) - 1 NaN where they would be NaN-free (never
+    wrong numbers: NaN); rows further back are exact.  Zeroing the bad entries in the kernel (as the
+    CUDA kernels do in shared memory) pushed 37 (triton 3.8) and 61 (triton 3.6) of the 738 tile
+    configurations the AOT check compiles into register spills
+    (bench/results/attention_nonfinite_aot_2026-12-02_0e3122b.md).  "pytorch" is SDPA as it comes.  The
+    gradients that flow back from a non-finite row are unspecified.
     """
     out_dtype = q.dtype
     Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -57,7 +72,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     with _exact(q.device):
         acc = _compute_dtype(q.dtype)
         q, k, v = q.to(acc), k.to(acc), v.to(acc)
-        scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+        scores = _scores(q, k) * scale  # (B, H, Tq, Tk)
         # keep[i, j] is True where key j is visible to query i: j <= i + (Tk - Tq)
         keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
         scores = scores.masked_fill(~keep, float("-inf"))
@@ -66,8 +81,35 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         row_max = scores.amax(dim=-1, keepdim=True).detach()
         weights = torch.exp(scores - row_max)
         probs = weights / weights.sum(dim=-1, keepdim=True)  # (B, H, Tq, Tk), rows sum to 1
-        out = probs @ v  # (B, H, Tq, D)
+        v, seen = finite_values(v, Tq)
+        out = (probs @ v).masked_fill(seen[..., None], float("nan"))  # (B, H, Tq, D)
     return out.to(out_dtype)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q @ k^T``, whose backward never multiplies a (masked, zero) gradient by a non-finite key:
+    autograd's dq = dS @ k would pass a NaN key to every row, those that never see it included.  With
+    non-finite keys the scores are split into k's finite part (differentiable) plus the rest, whose
+    values make the sum IEEE-exact but which carries no gradient."""
+    finite = torch.isfinite(k)
+    if bool(finite.all()):  # the usual case (one host sync: the reference runs on the CPU)
+        return q @ k.transpose(-2, -1)
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    rest = torch.where(finite, zero, k)
+    return q @ torch.where(finite, k, zero).transpose(-2, -1) + (q.detach() @ rest.transpose(-2, -1))
+
+
+def finite_values(v: torch.Tensor, Tq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v with its non-finite entries zeroed, (B, H, Tq) True where a query sees one of them).
+
+    ``probs @ v`` would pass a NaN in v_j to every row through probs = 0 (0 * nan = nan), the rows
+    that must not see position j included; with the entries zeroed nothing crosses a mask, and the
+    rows that do attend to a non-finite v_j (query i sees keys j <= i + Tk - Tq) are set to NaN.
+    """
+    finite = torch.isfinite(v)
+    bad = ~finite.all(dim=-1)  # (B, H, Tk): v_j holds a non-finite value
+    seen = bad.cumsum(dim=-1) > 0  # (B, H, Tk): one at or before position j
+    return torch.where(finite, v, torch.zeros((), dtype=v.dtype, device=v.device)), seen[..., v.shape[-2] - Tq:]
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

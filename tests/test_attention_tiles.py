@@ -86,3 +86,12 @@ def test_on_a_gpu_the_pruner_drops_the_configs_that_spill_or_do_not_fit_there():
     listed = tiles.TILES["fwd"]["16bit"][64]
     assert kept == [c for c in listed if c[3] != 3 and c[:3] != (128, 64, 8)]
     assert kept, "the test must leave something to keep"
+
+
+def test_no_query_tile_exceeds_max_block_m():
+    """MAX_BLOCK_M is the documented reach of a non-finite value into earlier rows (kernels/reference.py):
+    every forward and dq tile, decoding ones included, keeps to it."""
+    from kernels._attention_tiles import DECODE_TILES, MAX_BLOCK_M, TILES
+    tables = [TILES["fwd"], TILES["dq"], DECODE_TILES]
+    rows = {c[0] for t in tables for by_d in t.values() for cs in by_d.values() for c in cs}
+    assert rows and max(rows) <= MAX_BLOCK_M, rows

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import backends, reference
+from kernels._attention_tiles import MAX_BLOCK_M
 
 BACKENDS = [b for b in ("torch", "pytorch", "triton", "cuda") if backends.unavailable_reason(b, "cross_entropy",
                                                                                              torch.device("cpu")) is None]
@@ -136,3 +137,68 @@ def test_rows_with_a_large_offset_keep_their_precision(backend, offset):
     ours = _on(backend, "layer_norm")(x, w, b)
     torch_ = F.layer_norm(x, (C,), w, b)
     assert _err(ours, exact) <= 2 * _err(torch_, exact) + 1e-5, (_err(ours, exact), _err(torch_, exact))
+
+
+# -------------------------------------------------------------------------------------- attention
+
+# "pytorch" is SDPA as PyTorch ships it, left alone on purpose (see kernels/_pytorch_backend.py)
+ATTN_BACKENDS = [b for b in ("torch", "triton", "cuda")
+                 if backends.unavailable_reason(b, "causal_attention", torch.device("cpu")) is None]
+
+
+# how many rows before a bad position a backend may turn to NaN (kernels/reference.py, causal_attention)
+REACH_BACK = {"torch": 0, "cuda": 0, "triton": MAX_BLOCK_M - 1}
+
+
+@pytest.mark.parametrize("backend,device", [(b, "cpu") for b in ATTN_BACKENDS] + [
+    pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])  # the CUDA kernels (bench/gpu_check.sh runs it)
+@pytest.mark.parametrize("where,bad", [("v", float("nan")), ("v", float("inf")), ("k", float("nan")),
+                                       ("q", float("nan")), ("q", float("inf"))])
+@pytest.mark.parametrize("Tq,Tk,pos", [(40, 40, 5), (40, 40, 20), (40, 40, 38), (24, 40, 5), (24, 40, 20),
+                                       (24, 40, 38), (300, 300, 290), (200, 300, 250)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_non_finite_value_never_reaches_the_past(backend, device, where, bad, pos, Tq, Tk, dtype):
+    """The reference's semantics, in every backend: the rows that attend to a non-finite value are not
+    finite (all NaN on torch and cuda), the rows before it -- and their dq -- are what they are without
+    it (the same backend on the clean inputs, and the reference), whatever tiles the kernel uses; on
+    triton the rows of its diagonal tile (at most MAX_BLOCK_M - 1 back) may be NaN instead, never wrong."""
+    g = torch.Generator().manual_seed(4)
+    D = 16
+    q, k, v = (torch.randn(1, 2, T, D, generator=g).to(device, dtype) for T in (Tq, Tk, Tk))
+    clean = [t.clone() for t in (q, k, v)]
+    target = {"q": q, "k": k, "v": v}[where]
+    if where == "q" and pos >= Tq:
+        pytest.skip("no such query")
+    target[0, 0, pos, 3] = bad
+    offset = Tk - Tq
+    first_row = pos if where == "q" else max(0, pos - offset)  # rows >= this one see the bad value
+    sees = torch.zeros(Tq, dtype=torch.bool)
+    sees[first_row:] = True
+    if where == "q":
+        sees[pos + 1:] = False  # a query's own values reach only its own row
+    exact = ~sees  # the rows that must come out as without it
+    if where != "q":
+        exact[max(0, first_row - REACH_BACK[backend]):] = False
+    window = ~sees & ~exact  # triton's diagonal tile: as without it, or NaN
+
+    def run(fn, inputs):
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in inputs)
+        out = fn(qq, kk, vv)
+        out[0, 0, exact].float().sum().backward()  # gradients from the rows that must be exact
+        return out.detach(), qq.grad
+    out, dq = run(_on(backend, "causal_attention"), (q, k, v))
+    if REACH_BACK[backend] == 0:
+        assert torch.isnan(out[0, 0, sees]).all(), f"rows that see the bad value must be NaN: {out[0, 0].isnan().any(-1)}"
+    else:
+        assert not torch.isfinite(out[0, 0, sees]).all(-1).any(), "rows that see the bad value must not be finite"
+    runs = [run(_on(backend, "causal_attention"), clean)]  # the same kernel, the same tiles: as good as exact
+    if dtype == torch.float32:  # (in fp16 the reference differs by fp16 rounding, as every backend does)
+        runs.append(run(reference.causal_attention, clean))
+    tol = {"atol": 1e-5, "rtol": 1e-5}
+    assert exact[:max(0, first_row - REACH_BACK[backend])].all() and (exact.any() or Tq < 100)  # the case tests something
+    for ref, ref_dq in runs:
+        torch.testing.assert_close(out[0, 0, exact], ref[0, 0, exact], **tol)
+        torch.testing.assert_close(out[0, 1], ref[0, 1], **tol)  # another head: untouched
+        torch.testing.assert_close(dq[0, 0, exact], ref_dq[0, 0, exact], **tol)
+        w, rw = out[0, 0, window], ref[0, 0, window]
+        torch.testing.assert_close(torch.where(w.isnan(), rw, w), rw, **tol)  # NaN, or right
