@@ -86,17 +86,30 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out.to(out_dtype)
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+class _Scores(torch.autograd.Function):
     """``q @ k^T``, whose backward never multiplies a (masked, zero) gradient by a non-finite key:
-    autograd's dq = dS @ k would pass a NaN key to every row, those that never see it included.  With
-    non-finite keys the scores are split into k's finite part (differentiable) plus the rest, whose
-    values make the sum IEEE-exact but which carries no gradient."""
-    finite = torch.isfinite(k)
-    if bool(finite.all()):  # the usual case (one host sync: the reference runs on the CPU)
+    autograd's dq = dS @ k would pass a NaN key to every row, those that never see it included.  The
+    forward is the plain product (IEEE, infinities and all); the backward takes dq = dS @ k with k's
+    non-finite entries as 0, which changes only the dq of rows that attend to such a key (unspecified).
+    No data-dependent branch: it traces into one graph under torch.compile."""
+
+    @staticmethod
+    def forward(q, k):
         return q @ k.transpose(-2, -1)
-    zero = torch.zeros((), dtype=k.dtype, device=k.device)
-    rest = torch.where(finite, zero, k)
-    return q @ torch.where(finite, k, zero).transpose(-2, -1) + (q.detach() @ rest.transpose(-2, -1))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, ds):
+        q, k = ctx.saved_tensors
+        k_finite = torch.where(torch.isfinite(k), k, torch.zeros((), dtype=k.dtype, device=k.device))
+        return ds @ k_finite, ds.transpose(-2, -1) @ q
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return _Scores.apply(q, k)
 
 
 def finite_values(v: torch.Tensor, Tq: int) -> tuple[torch.Tensor, torch.Tensor]:

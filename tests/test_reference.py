@@ -179,3 +179,11 @@ def test_add_layer_norm_matches_add_then_functional(dtype):
     (y2 * gy + s2 * gs).sum().backward()
     for name, a, b_ in (("dx", x, x2), ("dresidual", r, r2), ("dweight", w, w2), ("dbias", b, b2)):
         assert_close(a.grad, b_.grad, dtype, name)
+
+
+def test_attention_backward_is_the_true_gradient():
+    """The reference's attention has its own backward for q @ k^T (kernels/reference.py, _Scores): on
+    finite inputs it is the exact gradient, checked by finite differences in float64."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, T, 8, generator=g, dtype=torch.float64, requires_grad=True) for T in (5, 7, 7))
+    assert torch.autograd.gradcheck(lambda q, k, v: reference.causal_attention(q, k, v), (q, k, v))
