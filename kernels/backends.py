@@ -38,12 +38,16 @@ OPS = ("causal_attention", "layer_norm", "add_layer_norm", "cross_entropy", "lin
 #   tests (`pytest -m gpu`) and bench/gpu_session.sh are the first thing to run on one.
 # * CPU: the reference.  The interpreter is far too slow to train with, and the reference is what a
 #   reader steps through; `LLM_KERNELS=pytorch` runs PyTorch's own ops instead.
+# * MPS (Apple GPUs) and any other device: PyTorch's own fused ops, which run there, then the
+#   reference.  Triton and the extension never run there (they say so when asked for by name).
 # * "cuda" (the C++/CUDA extension) joins a list only on evidence: its GPU tests passed on a real
 #   device and its benchmark beat the backend after it, with the logs under bench/results/.
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "pytorch", "torch"),
     "cpu": ("torch",),
+    "mps": ("pytorch", "torch"),
 }
+OTHER_DEVICES = ("pytorch", "torch")  # what "auto" tries on a device type not listed above
 
 _IMPLS: dict[str, dict[str, Callable]] = {name: {} for name in BACKENDS if name != "auto"}
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("llm_kernels_backend", default=None)
@@ -158,8 +162,10 @@ def unavailable_reason(name: str, op: str, device: torch.device) -> str | None:
     reason = _load_backend(name)
     if reason:
         return reason
-    if name == "triton" and device.type != "cuda" and not triton_interpreting():
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
         return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run them on the CPU), got tensors on {device}"
+    if name == "cuda" and device.type not in ("cuda", "cpu"):
+        return f"the extension's kernels run on CUDA and CPU tensors only, got tensors on {device}"
     if op not in _IMPLS[name]:
         return f"this version of the package has no {name} implementation of {op}"
     return None
@@ -183,7 +189,7 @@ def resolve(op: str, device: torch.device) -> Callable:
         if reason:
             raise BackendUnavailableError(f"kernels backend {requested!r} cannot run {op} on {device}: {reason}")
         return _IMPLS[requested][op]
-    for name in AUTO_PREFERENCE.get(device.type, ("torch",)):
+    for name in AUTO_PREFERENCE.get(device.type, OTHER_DEVICES):
         reason = unavailable_reason(name, op, device)
         if reason is None:
             return _IMPLS[name][op]

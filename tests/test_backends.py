@@ -132,3 +132,19 @@ def test_auto_prefers_triton_then_pytorch_on_cuda_and_the_reference_on_cpu(monke
     monkeypatch.setattr(backends, "_warned", set())
     with pytest.warns(UserWarning, match="auto skips the triton backend for cross_entropy on cuda"):
         assert backends.resolve("cross_entropy", cuda) is backends._IMPLS["pytorch"]["cross_entropy"]
+
+
+def test_auto_on_an_apple_gpu_runs_pytorchs_own_ops():
+    """MPS (and any device type without a list of its own): PyTorch's fused ops, then the reference;
+    Triton and the extension never run there, and say why when asked for by name.  A fake device
+    object is enough: the choice reads only its type."""
+    from kernels import _pytorch_backend  # noqa: F401  (registered)
+
+    for dev in (torch.device("mps"), torch.device("xpu")):
+        for op in backends.OPS:
+            assert backends.resolve(op, dev) is backends._IMPLS["pytorch"][op], (dev, op)
+        assert "CUDA tensors" in backends.unavailable_reason("triton", "layer_norm", dev)
+        if backends._load_backend("cuda") is None:
+            assert "CUDA and CPU tensors only" in backends.unavailable_reason("cuda", "layer_norm", dev)
+    with kernels.backend("triton"), pytest.raises(backends.BackendUnavailableError, match="mps"):
+        backends.resolve("layer_norm", torch.device("mps"))
