@@ -81,3 +81,31 @@ def test_errors_name_the_problem(ckpt, tmp_path):
         _run(["gsm8k", "--checkpoint", str(ckpt), "--hf-model", str(tmp_path)])
     with pytest.raises(SystemExit):  # argparse: a task is required
         _run([])
+
+
+def test_on_windows_humaneval_alone_fails_with_the_reason(ckpt, tmp_path, monkeypatch):
+    # What Windows lacks for running model code: the `resource` module and process groups.
+    import sys
+    import os
+
+    import llm.eval.sandbox as sandbox
+    from llm.cli import main
+
+    monkeypatch.setitem(sys.modules, "resource", None)  # `import resource` raises ImportError
+    monkeypatch.delattr(os, "killpg")
+    monkeypatch.setattr(sys, "platform", "win32")
+    sampled = []
+    monkeypatch.setattr("llm.eval.humaneval.evaluate_humaneval", lambda *a, **k: sampled.append(1))
+    for unsafe in ([], ["--unsafe-no-sandbox"]):
+        with pytest.raises(sandbox.SandboxUnavailable, match="needs a Unix sandbox: win32 has no Unix rlimits.*WSL2"):
+            _run(["humaneval", "--checkpoint", str(ckpt), "--limit", "1", "--no-progress", *unsafe])
+    assert not sampled  # refused before any sampling
+    with pytest.raises(sandbox.SandboxUnavailable, match="needs a Unix sandbox"):
+        sandbox.run_programs(["print(1)"], sandbox.Limits(sandbox="unsafe"), progress=False)
+    # the CLI says it in one line and exits non-zero
+    assert main(["eval", "humaneval", "--canonical", "--limit", "1", "--out", str(tmp_path / "he.json")]) == 1
+    # every other task still runs
+    out = tmp_path / "ppl.json"
+    assert _run(["perplexity", "the-verdict", "--checkpoint", str(ckpt), "--limit", "100", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert json.loads(out.read_text())["metrics"]["tokens"] == 99

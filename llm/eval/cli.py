@@ -155,10 +155,9 @@ def _run_task(args, model, tokenizer) -> tuple[dict, dict, list]:
                       limit=args.limit)
         return out["metrics"], config, out["items"]
     from .humaneval import evaluate_humaneval, load_problems
-    from .sandbox import Limits, containment
+    from .sandbox import containment
 
-    limits = Limits(timeout_s=args.timeout, memory_bytes=args.memory_mb << 20,
-                    sandbox="unsafe" if args.unsafe_no_sandbox else "bwrap")
+    limits = _humaneval_limits(args)
     print(containment(limits), file=sys.stderr, flush=True)
     problems = load_problems(args.data)[: args.limit]
     out = evaluate_humaneval(model, tokenizer, problems, n=args.n_samples, ks=tuple(args.k),
@@ -169,6 +168,13 @@ def _run_task(args, model, tokenizer) -> tuple[dict, dict, list]:
                   top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, timeout=args.timeout,
                   memory_mb=args.memory_mb, canonical=args.canonical, limit=args.limit, sandbox=limits.sandbox)
     return out["metrics"], config, out["items"]
+
+
+def _humaneval_limits(args: argparse.Namespace):
+    from .sandbox import Limits
+
+    return Limits(timeout_s=args.timeout, memory_bytes=args.memory_mb << 20,
+                  sandbox="unsafe" if args.unsafe_no_sandbox else "bwrap")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -182,6 +188,10 @@ def run_eval(args: argparse.Namespace) -> int:
     model = tokenizer = None
     source: dict = {"kind": "none (canonical solutions)"}
     device = resolve_device(args.device)
+    if args.task == "humaneval":  # before a model is loaded: no sandbox here means no HumanEval here
+        from .sandbox import check_can_run
+
+        check_can_run(_humaneval_limits(args))
     if not (args.task == "humaneval" and args.canonical):
         from ..tokenizer import get_tokenizer
 

@@ -25,7 +25,8 @@ Model-written code is hostile input.  By default (``Limits(sandbox="bwrap")``) e
   program's own interpreter, as in every HumanEval harness: code that sets out to dig the token out
   of the interpreter's memory could find it.)
 
-Where bubblewrap is missing (macOS, Windows, a container without namespaces), :func:`run_program`
+On Windows (no rlimits, no process groups) :func:`check_can_run` refuses outright and says so.
+Where bubblewrap is missing (macOS, a container without namespaces), :func:`run_program`
 refuses to run model code and says how to install it, unless the caller asks for
 ``Limits(sandbox="unsafe")`` (``llm eval humaneval --unsafe-no-sandbox``): then each program runs as
 the evaluator's own user, in its own session with the rlimits above (not ``nproc``) and a wall-clock
@@ -53,7 +54,7 @@ from tqdm.auto import tqdm
 
 from ._guard import GUARD
 
-__all__ = ["GUARD", "Limits", "Outcome", "SandboxUnavailable", "containment", "network_namespace_available",
+__all__ = ["GUARD", "Limits", "Outcome", "SandboxUnavailable", "check_can_run", "containment", "network_namespace_available",
            "run_program", "run_programs", "sandbox_unavailable_reason"]
 
 PASSED, FAILED, TIMED_OUT = "passed", "failed", "timed out"
@@ -148,6 +149,32 @@ def network_namespace_available() -> bool:
 INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: `sudo apt-get install bubblewrap`; Fedora: `sudo dnf install "
                 "bubblewrap`; Arch: `sudo pacman -S bubblewrap`), or, knowing that model-written code then runs "
                 "as you with only a Python guard around it, pass --unsafe-no-sandbox (Limits(sandbox='unsafe'))")
+
+
+def _no_unix_process_control() -> str | None:
+    """Why this platform cannot contain a child process at all (None on Unix): the unsafe mode's
+    rlimits and process groups, like bubblewrap, are Unix-only."""
+    try:
+        import resource  # noqa: F401  (Unix only)
+    except ImportError:
+        return f"{sys.platform} has no Unix rlimits (the `resource` module) or process groups"
+    if not hasattr(os, "killpg"):
+        return f"{sys.platform} has no Unix process groups"
+    return None
+
+
+def check_can_run(limits: Limits) -> None:
+    """Raise :class:`SandboxUnavailable` naming the problem when model-written code cannot be run under
+    ``limits`` here -- before any model is loaded or sampled from, so a HumanEval run fails at once."""
+    why = _no_unix_process_control()
+    if why:
+        raise SandboxUnavailable(
+            f"HumanEval runs model-written code, which needs a Unix sandbox: {why}, so neither bubblewrap nor "
+            f"--unsafe-no-sandbox can contain it. Run it on Linux (on Windows: under WSL2, with bubblewrap "
+            f"installed); every other `llm eval` task works here.")
+    if limits.sandbox == "bwrap" and sandbox_unavailable_reason():
+        raise SandboxUnavailable(f"refusing to run model-written code without a sandbox: "
+                                 f"{sandbox_unavailable_reason()}; {INSTALL_HINT}")
 
 
 @functools.cache
@@ -258,10 +285,8 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
 
 def _run(program: str, limits: Limits, *, check_available: bool) -> Outcome:
     bwrap = limits.sandbox == "bwrap"
-    if bwrap and check_available:
-        reason = sandbox_unavailable_reason()
-        if reason:
-            raise SandboxUnavailable(f"refusing to run model-written code without a sandbox: {reason}; {INSTALL_HINT}")
+    if check_available:
+        check_can_run(limits)
     settings = _rlimits(limits)
     token = secrets.token_hex(16).encode()
     with tempfile.TemporaryDirectory(prefix="llm-sandbox-", ignore_cleanup_errors=True) as tmp:
@@ -402,9 +427,7 @@ def run_programs(programs: list[str], limits: Limits = Limits(), *, workers: int
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if limits.sandbox == "bwrap" and sandbox_unavailable_reason():  # say it once, before any thread starts
-        raise SandboxUnavailable(f"refusing to run model-written code without a sandbox: "
-                                 f"{sandbox_unavailable_reason()}; {INSTALL_HINT}")
+    check_can_run(limits)  # say it once, before any thread starts
     outcomes: list[Outcome | None] = [None] * len(programs)
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(programs), desc=desc, unit="prog", disable=not progress) as bar:
