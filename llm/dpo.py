@@ -172,7 +172,8 @@ def dpo(cfg: DPOConfig) -> dict:
     from .train_log import MetricsLog
 
     cfg.validate()
-    device, autocast, compute_dtype = setup_device(cfg)
+    device, precision = setup_device(cfg)
+    autocast, compute_dtype = precision.autocast, precision.name
     out_dir = Path(cfg.out_dir)
     records = load_records(cfg.data, PREFERENCE_KEYS, cfg.limit)
     train, val, test = split_records(records, seed=cfg.split_seed)
@@ -221,7 +222,7 @@ def dpo(cfg: DPOConfig) -> dict:
         require_batches(len(train_loader), cfg.batch_size)
         prepare_out_dir(out_dir, cfg.overwrite)
         metrics = MetricsLog(out_dir / METRICS_NAME)
-        result = train_loop(cfg, policy, device, autocast, lambda epoch: train_loader, len(train_loader),
+        result = train_loop(cfg, policy, device, precision, lambda epoch: train_loader, len(train_loader),
                             step_loss, evaluate, metrics, desc="dpo")
         first, final = result["first_eval"], result["final_eval"]
         saved = finish_and_save(policy, cfg, out_dir, "dpo", {"source": source, "step": result["steps"],

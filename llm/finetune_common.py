@@ -37,7 +37,7 @@ from .model import GPT, PRESETS, GPTConfig
 CKPT_NAME, LORA_NAME, METRICS_NAME, PLOT_NAME, RESPONSES_NAME = (
     "ckpt.pt", "lora.pt", "metrics.jsonl", "loss.png", "test_responses.json")
 LORA_FORMAT = "llm-lora-v1"
-CHOICES = {"preset": tuple(PRESETS), "dtype": ("auto", "float32", "bfloat16"),
+CHOICES = {"preset": tuple(PRESETS), "dtype": train_setup.DTYPES,
            "kernels": BACKENDS}
 
 
@@ -82,7 +82,8 @@ class FinetuneConfig:
     # -- system
     seed: int = _opt(123, "seed of the model init (presets), data order and dropout")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
-    dtype: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 elsewhere), float32 or bfloat16")
+    dtype: str = _opt("auto", "auto (bf16 autocast on a GPU with bf16, else fp16 with loss scaling; fp32 on "
+                              "CPU and MPS), float32, bfloat16 or float16 (autocast with a GradScaler)")
     kernels: str = _opt("auto", "kernels backend: auto, torch (reference), pytorch (PyTorch's own ops), triton or cuda")
 
     def validate(self) -> None:
@@ -190,14 +191,15 @@ def prepare_out_dir(out_dir: Path, overwrite: bool, clear: bool = True) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def setup_device(cfg: FinetuneConfig) -> tuple[torch.device, Callable, str]:
-    """(device, autocast context factory, compute dtype name); seeds every RNG."""
+def setup_device(cfg: FinetuneConfig) -> tuple[torch.device, train_setup.Precision]:
+    """(device, its :class:`~llm.train_setup.Precision`); seeds every RNG and prints the precision."""
     # torch's default thread count (one per core) is kept: unlike pretraining there is never more
     # than one process here to share the cores with, and tests pin it to 1 for tiny models.
     device = train_setup.resolve_device(cfg.device)
     train_setup.seed_everything(cfg.seed)
-    autocast, dtype = train_setup.autocast_context(device, cfg.dtype)
-    return device, autocast, dtype
+    precision = train_setup.choose_precision(device, cfg.dtype)
+    log(precision.describe())
+    return device, precision
 
 
 def log(msg: str) -> None:
@@ -218,7 +220,7 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN/inf; training stopped before that step's update and saved nothing."""
 
 
-def train_loop(cfg: FinetuneConfig, model: GPT, device: torch.device, autocast: Callable,
+def train_loop(cfg: FinetuneConfig, model: GPT, device: torch.device, precision: train_setup.Precision,
                epoch_batches: Callable[[int], Iterable], n_batches: int,
                step_loss: Callable[[object], tuple[torch.Tensor, dict]], evaluate: Callable[[], dict],
                metrics, desc: str) -> dict:
@@ -244,15 +246,16 @@ def train_loop(cfg: FinetuneConfig, model: GPT, device: torch.device, autocast: 
         while step < total:
             for batch in epoch_batches(epoch):
                 model.train()
-                with autocast():
+                with precision.autocast():
                     loss, extra = step_loss(batch)
-                loss.backward()
+                precision.backward(loss)  # fp16: the loss times the scale
                 value = loss.item()
                 if not math.isfinite(value):
                     raise NonFiniteLoss(f"non-finite loss ({value}) at step {step + 1}; try a lower --lr")
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
+                # unscale (fp16), clip, step -- or skip the step when fp16 gradients overflowed
+                _, skipped = precision.step(optimizer, params, cfg.grad_clip)
+                if precision.scaler.is_enabled():
+                    extra = {**extra, "loss_scale": precision.scaler.get_scale(), "skipped": skipped}
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 losses.append(value)

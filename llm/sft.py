@@ -82,7 +82,8 @@ def sft(cfg: SFTConfig) -> dict:
     from .train_log import MetricsLog
 
     cfg.validate()
-    device, autocast, compute_dtype = setup_device(cfg)
+    device, precision = setup_device(cfg)
+    autocast, compute_dtype = precision.autocast, precision.name
     out_dir = Path(cfg.out_dir)
     records = load_records(cfg.data, INSTRUCTION_KEYS, cfg.limit)
     train, val, test = split_records(records, seed=cfg.split_seed)
@@ -122,7 +123,7 @@ def sft(cfg: SFTConfig) -> dict:
         require_batches(len(train_loader), cfg.batch_size)
         prepare_out_dir(out_dir, cfg.overwrite)
         metrics = MetricsLog(out_dir / METRICS_NAME)
-        result = train_loop(cfg, model, device, autocast, lambda epoch: train_loader, len(train_loader),
+        result = train_loop(cfg, model, device, precision, lambda epoch: train_loader, len(train_loader),
                             step_loss, evaluate, metrics, desc="sft")
         first, final = result["first_eval"]["val_loss"], result["final_eval"]["val_loss"]
         saved = finish_and_save(model, cfg, out_dir, "sft", {"source": source, "step": result["steps"],

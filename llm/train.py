@@ -4,7 +4,7 @@
     summary = train(TrainConfig(preset="tiny", data="the-verdict", max_steps=50))
 
 One loop in the shape of nanoGPT's ``train.py``: AdamW with decay/no-decay groups, linear warmup
-then cosine decay, gradient accumulation and clipping, bf16 autocast on CUDA, optional
+then cosine decay, gradient accumulation and clipping, bf16 (or fp16 with loss scaling) autocast, optional
 ``torch.compile``, periodic validation and text samples, and atomic checkpoints.  Under
 ``torchrun`` the same code runs data-parallel (``llm/distributed.py``).
 
@@ -38,7 +38,7 @@ __all__ = ["TrainConfig", "train", "resume_config", "NonFiniteLossError", "Check
 
 CKPT_NAME, METRICS_NAME, PLOT_NAME = "ckpt.pt", "metrics.jsonl", "loss.png"
 # The allowed values of the string fields that are not free-form (the CLI offers them as choices).
-CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "loader": ("auto", "random", "sliding"),
+CHOICES = {"dtype": train_setup.DTYPES, "loader": ("auto", "random", "sliding"),
            "kernels": BACKENDS}
 
 
@@ -87,7 +87,8 @@ class TrainConfig:
     # -- system
     seed: int = _opt(1337, "seed of every RNG")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
-    dtype: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 elsewhere), float32 or bfloat16")
+    dtype: str = _opt("auto", "auto (bf16 autocast on a GPU with bf16, else fp16 with loss scaling; fp32 on "
+                              "CPU and MPS), float32, bfloat16 or float16 (autocast with a GradScaler)")
     compile: bool = _opt(False, "torch.compile the model")
     kernels: str = _opt("auto", "kernels backend: auto, torch (reference), pytorch (PyTorch's own ops), triton or cuda")
     loader: str = _opt("auto", "window sampling: random, sliding, or auto (sliding when the run covers the data)")
@@ -242,7 +243,8 @@ class Trainer:
         self.loader_mode = ckpt["loader_mode"] if ckpt else train_setup.choose_loader_mode(
             cfg.loader, len(self.train_tokens), self.tokens_per_step, cfg.max_steps)
         self.loader = self._make_loader(self.train_tokens, self.loader_mode)
-        self.autocast, self.compute_dtype = train_setup.autocast_context(device, cfg.dtype)
+        self.precision = train_setup.choose_precision(device, cfg.dtype)
+        self.autocast, self.compute_dtype = self.precision.autocast, self.precision.name
         self.unigram = float(self.data.unigram_loss(self.train_tokens, self.val_tokens, self.raw_model.config.vocab_size))
 
         self.step, self.tokens_seen, self.initial_val_loss = 0, 0, None
@@ -325,6 +327,8 @@ class Trainer:
 
     def _restore(self, ckpt: dict) -> None:
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.precision.scaler.is_enabled() and ckpt.get("grad_scaler"):  # fp16 then and now: same scale
+            self.precision.scaler.load_state_dict(ckpt["grad_scaler"])
         self.loader.load_state_dict(ckpt["loader"])
         self.step, self.tokens_seen = ckpt["step"], ckpt["tokens"]
         self.initial_val_loss = ckpt["initial_val_loss"]
@@ -360,6 +364,7 @@ class Trainer:
                     f"{self.raw_model.config.n_layer} layers, n_embd {self.raw_model.config.n_embd}; "
                     f"{self.tokens_per_step} tokens/step, {self.loader_mode} windows of {self.block_size}, "
                     f"{self.device} {self.compute_dtype}, world size {self.dist.world_size}")
+        self._print(self.precision.describe())
         self._print(f"unigram yardstick (val loss of predicting token frequencies): {self.unigram:.4f}")
         if self.initial_val_loss is None:
             self.initial_val_loss = self._log_eval()
@@ -400,15 +405,13 @@ class Trainer:
                     _, loss = self.model(x, y)
                 # The mean over micro-batches is the mean over the whole (global) batch.
                 loss = loss / cfg.grad_accum_steps
-                loss.backward()
+                self.precision.backward(loss)  # fp16: the loss times the scale
             loss_sum += loss.detach()
         loss_value = distributed.all_reduce_mean(loss_sum, self.dist).item()
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(step, loss_value, self.ckpt_path)
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip))
-        self.optimizer.step()
+        # Unscale (fp16), clip, step -- or, when fp16 gradients overflowed, skip the step and lower the scale.
+        grad_norm, skipped = self.precision.step(self.optimizer, self.raw_model.parameters(), cfg.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
 
         self.step, self.tokens_seen = step, self.tokens_seen + self.tokens_per_step
@@ -416,6 +419,8 @@ class Trainer:
         self.losses.append(loss_value)
         record = dict(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens=self.tokens_seen,
                       tok_per_s=self.tokens_per_step / dt, dt_ms=1000 * dt)
+        if self.precision.scaler.is_enabled():
+            record.update(loss_scale=self.precision.scaler.get_scale(), skipped=skipped)
         self.metrics.log(**record)
         return record
 
@@ -506,6 +511,7 @@ class Trainer:
             "model": self.raw_model.state_dict(),
             "model_config": self.raw_model.config.to_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "grad_scaler": self.precision.scaler.state_dict(),  # {} unless fp16
             "schedule": dict(max_lr=self.cfg.lr, min_lr=self.cfg.min_lr, warmup_steps=self.cfg.warmup_steps,
                              max_steps=self.cfg.max_steps),
             "rng": rng,  # one entry per rank

@@ -28,20 +28,74 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def autocast_context(device: torch.device, dtype: str):
-    """(factory of the forward's autocast context, name of the compute dtype).
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # the --dtype choices
 
-    bf16 autocast on CUDA when the GPU supports it (or whenever asked for): the matmuls run in
-    bf16 while the weights, the optimizer and the loss reduction stay fp32, so no loss scaling is
-    needed.  fp32 everywhere else: CPU bf16 matmuls are slower than fp32 ones on most CPUs.
+
+class Precision:
+    """How the forward and backward run: ``name`` ("float32", "bfloat16" or "float16"), why it was
+    chosen (``reason``, printed at start), the autocast context (``autocast()``) and, for float16 only,
+    a dynamic loss scaler (``scaler``, a ``torch.amp.GradScaler``; disabled otherwise, when its calls
+    pass everything through unchanged).
+
+    bf16 and fp16 autocast run the matmuls in 16 bits while the weights, the optimizer and the loss
+    reduction stay fp32.  bf16 has fp32's exponent range, so it needs no loss scaling; fp16 tops out
+    at 65504 and flushes gradients below ~6e-8 to zero, so its loss is multiplied by a scale before
+    backward and the gradients divided by it before the update, and a step whose gradients overflowed
+    (inf/nan) is skipped and the scale halved (it doubles again after 2000 clean steps).
     """
-    if dtype == "auto":
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    else:
-        use_bf16 = dtype == "bfloat16"
-    if not use_bf16:
-        return contextlib.nullcontext, "float32"
-    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), "bfloat16"
+
+    def __init__(self, device: torch.device, name: str, reason: str):
+        self.device_type, self.name, self.reason = device.type, name, reason
+        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=name == "float16")
+
+    def autocast(self):
+        if self.name == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def describe(self) -> str:
+        what = {"float32": "float32", "bfloat16": "bfloat16 autocast",
+                "float16": "float16 autocast with dynamic loss scaling (torch.amp.GradScaler)"}[self.name]
+        return f"precision: {what} ({self.reason})"
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, optimizer, params, grad_clip: float) -> tuple[float | None, bool]:
+        """Unscale, clip (when ``grad_clip > 0``) and step; returns (gradient norm or None, whether the
+        step was skipped because the fp16 gradients overflowed -- then the norm is None too)."""
+        self.scaler.unscale_(optimizer)
+        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip)) if grad_clip > 0 else None
+        scale = self.scaler.get_scale()  # 1.0 when disabled
+        self.scaler.step(optimizer)  # skipped when any unscaled gradient is inf/nan
+        self.scaler.update()
+        skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale
+        return (None if skipped else norm), skipped
+
+
+def choose_precision(device: torch.device, dtype: str) -> Precision:
+    """``dtype`` "auto": bf16 autocast on a CUDA GPU that has bf16 (Ampere and newer), fp16 with loss
+    scaling on one that does not (T4, V100, RTX 20xx), fp32 on the CPU (its bf16 matmuls are slower
+    than fp32 ones on most CPUs) and on MPS.  Anything else is taken as asked."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if dtype != "auto":
+        return Precision(device, dtype, "asked for with --dtype")
+    if device.type != "cuda":
+        return Precision(device, "float32", f"auto: fp32 on {device.type}")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    gpu = f"{torch.cuda.get_device_name(index)}, compute capability {'.'.join(map(str, torch.cuda.get_device_capability(index)))}"
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return Precision(device, "bfloat16", f"auto: {gpu} has bf16")
+    return Precision(device, "float16", f"auto: {gpu} has no bf16")
+
+
+def autocast_context(device: torch.device, dtype: str):
+    """(factory of the forward's autocast context, name of the compute dtype): :func:`choose_precision`
+    for loops that need no loss scaling (evaluation, generation)."""
+    precision = choose_precision(device, dtype)
+    return precision.autocast, precision.name
 
 
 def set_cpu_threads() -> int:

@@ -346,3 +346,65 @@ def test_metrics_rewrite_on_resume_is_durable(tmp_path, monkeypatch):
     assert [r["step"] for r in read_metrics(path)] == [1, 2]
     assert synced  # written through the fsync-ing atomic writer, like the checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temp left
+
+
+# --------------------------------------------------------------------- precision: fp16 with loss scaling
+
+def test_float16_with_a_grad_scaler_learns_on_the_cpu(tmp_path, capsys):
+    summary = train(tiny_cfg(tmp_path, max_steps=20, dtype="float16"))
+    losses = summary["losses"]
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.5
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert all(r["loss_scale"] >= 1.0 for r in records) and sum(r["skipped"] for r in records) <= 2
+    assert "precision: float16 autocast with dynamic loss scaling" in capsys.readouterr().out
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["grad_scaler"]["scale"] == records[-1]["loss_scale"]  # resumes with the same scale
+
+
+def test_an_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path, dtype="float16"), torch.device("cpu"), _one_process())
+    trainer._train_step(1)  # let the scale settle below the fp16 limit
+    trainer._train_step(2)
+    scale = trainer.precision.scaler.get_scale()
+    before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    adam_steps = {id(p): int(s["step"]) for p, s in trainer.optimizer.state.items()}
+    head = trainer.raw_model.lm_head.weight
+    handle = head.register_hook(lambda g: torch.full_like(g, float("inf")))  # one overflowing gradient
+    record = trainer._train_step(3)
+    handle.remove()
+    assert record["skipped"] and record["grad_norm"] is None and math.isfinite(record["loss"])
+    assert trainer.precision.scaler.get_scale() == scale / 2
+    after = trainer.raw_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no parameter moved
+    assert {id(p): int(s["step"]) for p, s in trainer.optimizer.state.items()} == adam_steps
+    record = trainer._train_step(4)  # and the next step is a normal one
+    assert not record["skipped"] and record["grad_norm"] is not None
+    assert not all(torch.equal(before[k], v) for k, v in trainer.raw_model.state_dict().items())
+
+
+def _one_process():
+    from llm import distributed
+
+    return distributed.DistInfo()
+
+
+def test_auto_precision_picks_bf16_then_fp16_then_fp32(monkeypatch):
+    cpu = train_setup.choose_precision(torch.device("cpu"), "auto")
+    assert cpu.name == "float32" and not cpu.scaler.is_enabled() and "auto: fp32 on cpu" in cpu.describe()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (7, 5))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: types.SimpleNamespace(
+        is_enabled=lambda: enabled))  # a real one on "cuda" would need a GPU
+    t4 = train_setup.choose_precision(torch.device("cuda"), "auto")
+    assert t4.name == "float16" and t4.scaler.is_enabled()
+    assert t4.describe() == ("precision: float16 autocast with dynamic loss scaling (torch.amp.GradScaler) "
+                             "(auto: Tesla T4, compute capability 7.5 has no bf16)")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (8, 0))
+    a100 = train_setup.choose_precision(torch.device("cuda:0"), "auto")
+    assert a100.name == "bfloat16" and not a100.scaler.is_enabled() and "has bf16" in a100.reason
+    assert train_setup.choose_precision(torch.device("cpu"), "float16").scaler.is_enabled()
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, float16"):
+        train_setup.choose_precision(torch.device("cpu"), "fp8")
