@@ -181,6 +181,16 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, str | No
     return report
 
 
+def backend_for(op: str, device: torch.device | str) -> str:
+    """The name of the backend that :func:`resolve` runs ``op`` on for ``device`` (quietly: no warnings)."""
+    device = torch.device(device)
+    requested = get_backend()
+    if requested != "auto":
+        return requested
+    return next(name for name in AUTO_PREFERENCE.get(device.type, OTHER_DEVICES)
+                if unavailable_reason(name, op, device) is None)
+
+
 def resolve(op: str, device: torch.device) -> Callable:
     """The implementation of ``op`` to run on tensors living on ``device``."""
     requested = get_backend()

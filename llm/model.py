@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import kernels
 
@@ -235,6 +236,8 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Activation checkpointing per block (training only): a run setting, not part of the config.
+        self.activation_checkpointing = False
         if config.tie_weights:
             # Weight tying (Press & Wolf 2017): one (V, C) matrix embeds tokens and scores them,
             # saving V*C parameters (38.6M of GPT-2's 124M).
@@ -314,8 +317,16 @@ class GPT(nn.Module):
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
         x = self.transformer.drop(x)
+        checkpoint = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
         for block in self.transformer.h:
-            x = block(x, kv_cache)  # (B, T, C)
+            if checkpoint:
+                # Keep only the block's input for backward and run its forward again there: the
+                # activations of one block at a time instead of all of them, for ~1/3 more compute.
+                # Non-reentrant (the form torch.compile and every kernels backend support); the
+                # RNG state is saved and restored, so dropout draws the same masks both times.
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)  # (B, T, C)
+            else:
+                x = block(x, kv_cache)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
 
         if return_logits is None:

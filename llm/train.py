@@ -90,6 +90,9 @@ class TrainConfig:
     dtype: str = _opt("auto", "auto (bf16 autocast on a GPU with bf16, else fp16 with loss scaling; fp32 on "
                               "CPU and MPS), float32, bfloat16 or float16 (autocast with a GradScaler)")
     compile: bool = _opt(False, "torch.compile the model")
+    activation_checkpointing: bool = _opt(False, "recompute each transformer block's activations in backward "
+                                                 "instead of keeping them (less memory, ~1/3 more compute)")
+    memory_check: bool = _opt(True, "refuse a run whose memory estimate exceeds the device's memory")
     kernels: str = _opt("auto", "kernels backend: auto, torch (reference), pytorch (PyTorch's own ops), triton or cuda")
     loader: str = _opt("auto", "window sampling: random, sliding, or auto (sliding when the run covers the data)")
 
@@ -231,7 +234,11 @@ class Trainer:
         planned = train_setup.planned_block_size(cfg, ckpt)
         if planned is not None:  # fail before building the model when the splits are too short
             self._check_split_lengths(planned)
-        self.raw_model = train_setup.build_model(cfg, ckpt).to(device)
+        self.precision = train_setup.choose_precision(device, cfg.dtype)
+        model = train_setup.build_model(cfg, ckpt)
+        model.activation_checkpointing = cfg.activation_checkpointing
+        self.memory_note = self._check_memory(model, planned or cfg.block_size or model.config.block_size)
+        self.raw_model = model.to(device)
         self.block_size = cfg.block_size or self.raw_model.config.block_size
         if self.block_size > self.raw_model.config.block_size:
             raise ValueError(f"block_size {self.block_size} exceeds the model's {self.raw_model.config.block_size}")
@@ -243,7 +250,6 @@ class Trainer:
         self.loader_mode = ckpt["loader_mode"] if ckpt else train_setup.choose_loader_mode(
             cfg.loader, len(self.train_tokens), self.tokens_per_step, cfg.max_steps)
         self.loader = self._make_loader(self.train_tokens, self.loader_mode)
-        self.precision = train_setup.choose_precision(device, cfg.dtype)
         self.autocast, self.compute_dtype = self.precision.autocast, self.precision.name
         self.unigram = float(self.data.unigram_loss(self.train_tokens, self.val_tokens, self.raw_model.config.vocab_size))
 
@@ -280,6 +286,26 @@ class Trainer:
         for name, (was, now) in changed.items():
             self._print(f"resume: {name} changed from {was!r} to {now!r}")
         return ckpt
+
+    def _check_memory(self, model, block_size: int) -> str:
+        """The memory estimate line printed at start; raises ValueError, naming the flags to change,
+        when even the estimate does not fit in the device's memory (unless --no-memory-check)."""
+        from kernels.backends import backend_for
+
+        from . import memory
+
+        cfg = self.cfg
+        est = memory.estimate_training_memory(
+            model.config, model.num_parameters(), batch_size=cfg.batch_size, block_size=block_size,
+            precision=self.precision.name, ce_backend=backend_for("linear_cross_entropy", self.device),
+            attention_backend=backend_for("causal_attention", self.device), world_size=self.dist.world_size)
+        capacity = memory.device_memory(self.device)
+        why = memory.refusal(est, checkpointing=cfg.activation_checkpointing, capacity=capacity, device=self.device,
+                             batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
+                             precision=self.precision.name)
+        if why and cfg.memory_check:
+            raise ValueError(why)
+        return est.describe(cfg.activation_checkpointing, self.device, capacity)
 
     def _clear_out_dir(self) -> None:
         """Rank 0, with --overwrite: delete the old run's files, so that the folder never mixes two
@@ -365,6 +391,7 @@ class Trainer:
                     f"{self.tokens_per_step} tokens/step, {self.loader_mode} windows of {self.block_size}, "
                     f"{self.device} {self.compute_dtype}, world size {self.dist.world_size}")
         self._print(self.precision.describe())
+        self._print(self.memory_note)
         self._print(f"unigram yardstick (val loss of predicting token frequencies): {self.unigram:.4f}")
         if self.initial_val_loss is None:
             self.initial_val_loss = self._log_eval()
