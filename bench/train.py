@@ -2,6 +2,7 @@
 
     python bench/train.py                  # GPU: gpt2 and gpt2-medium, T = 1024, bf16 autocast, fused AdamW
     python bench/train.py --quick          # CPU-sized smoke run (tiny preset, fp32; what CI runs)
+    python bench/train.py --device cpu     # CPU: cpu-small and gpt2 at B=4, T=64, fp32, beside the matmul floor
 
 Each provider trains the same model (same seed, same fixed batch) for ``--warmup`` untimed steps
 (compilation, autotuning, allocator warm-up) and then ``--steps`` timed ones; a step is forward,
@@ -15,7 +16,9 @@ Providers:
   (the "pytorch" backend), fused AdamW and ``torch.compile`` of the whole model;
 * ``pytorch``          -- the same without ``torch.compile``;
 * ``triton``, ``cuda`` -- our kernels, eager; ``triton+compile``, ``cuda+compile`` with
-  ``torch.compile`` on top (our ops are opaque to the compiler, which fuses what lies between them).
+  ``torch.compile`` on top (our ops are opaque to the compiler, which fuses what lies between them);
+  on the CPU ``cuda`` is the extension's C++ CPU kernels;
+* ``auto``             -- whatever ``--kernels auto`` (the default of ``llm pretrain``) runs on this device.
 
 A provider that cannot run (backend not built, no GPU for torch.compile's Triton codegen, out of
 memory) is reported as skipped with the reason, never silently dropped.
@@ -26,13 +29,18 @@ to bf16 noise: a cheap cross-check), and MFU = achieved FLOP/s / the GPU's peak 
 with FLOPs per token = 6·N + 6·L·T·d: 6·N for the forward and backward matmuls of the N
 non-embedding parameters (the tied LM head included, the position table not), plus the attention
 score and value matmuls, 12·L·T·d halved by the causal mask (as in the PaLM paper's appendix B).
-The peaks come from :data:`PEAK_BF16_TFLOPS` (vendor datasheets, dense, no sparsity).
+The peaks come from :data:`PEAK_BF16_TFLOPS` (vendor datasheets, dense, no sparsity).  On a CPU the
+ceiling is measured in the same run instead: ``torch.mm`` FLOP/s on 2048 x 2048 fp32 matrices; the
+matmul floor of a step is its FLOPs at that rate (``floor_ms``), ``x_floor`` is ms/step over it, and
+CPU MFU is achieved FLOP/s over the same rate.
+``--activation-checkpointing`` trains with it on (peak memory is the column to compare on a GPU).
 Writes a CSV, a Markdown table and a PNG bar chart under bench/results/ (or --out).
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import platform
 import sys
 import time
 from pathlib import Path
@@ -45,8 +53,9 @@ from bench.common import environment, markdown_table, report_row, save_figure, w
 from llm.model import GPT, GPTConfig  # noqa: E402
 from llm.optim import configure_optimizer  # noqa: E402
 
-PROVIDERS = ("reference", "pytorch", "pytorch+compile", "triton", "triton+compile", "cuda", "cuda+compile")
+PROVIDERS = ("reference", "pytorch", "pytorch+compile", "triton", "triton+compile", "cuda", "cuda+compile", "auto")
 DEFAULT_PROVIDERS = ("reference", "pytorch+compile", "triton", "triton+compile", "cuda", "cuda+compile")
+CPU_PROVIDERS = ("reference", "pytorch", "cuda", "auto")
 
 # Dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name().  Checked in
 # order, so the more specific names come first.
@@ -68,6 +77,36 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
+def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
+    """Best-of-``reps`` fp32 ``torch.mm`` GFLOP/s on ``n`` x ``n`` matrices: the CPU's practical ceiling."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(2):
+        torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def cpu_name() -> str:
+    """The CPU's model name and widest vector extension (what the C++ kernels' SIMD code runs on)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = next((f for f in ("avx512f", "avx2", "neon", "asimd") if f in flags), None)
+    return f"{name}" + (f", {isa}" if isa else "")
+
+
 def flops_per_token(model: GPT, T: int) -> float:
     cfg = model.config
     return 6 * model.num_parameters(non_embedding=True) + 6 * cfg.n_layer * T * cfg.n_embd
@@ -76,7 +115,7 @@ def flops_per_token(model: GPT, T: int) -> float:
 def skip_reason(provider: str, device: torch.device) -> str | None:
     backend = {"reference": "torch"}.get(provider, provider.split("+")[0])
     report = kernels.available_backends(device)
-    if report.get(backend):
+    if backend != "auto" and report.get(backend):
         return report[backend]
     if provider.endswith("+compile") and device.type != "cuda":
         return "torch.compile is measured on a GPU only (on the CPU it compiles for minutes and measures little)"
@@ -88,6 +127,7 @@ def run_provider(provider: str, preset: str, args, device: torch.device) -> dict
     backend = {"reference": "torch"}.get(provider, provider.split("+")[0])
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(preset, block_size=args.block_size)).to(device)
+    model.activation_checkpointing = args.activation_checkpointing
     fpt = flops_per_token(model, args.block_size)
     optimizer = configure_optimizer(model, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), device_type=device.type)
     step_model = torch.compile(model) if provider.endswith("+compile") else model
@@ -118,11 +158,14 @@ def run_provider(provider: str, preset: str, args, device: torch.device) -> dict
         seconds = time.perf_counter() - start
     ms = seconds / args.steps * 1e3
     tok_s = args.batch_size * args.block_size * args.steps / seconds
-    peak = peak_tflops(device)
+    peak = peak_tflops(device) or (args.mm_gflops / 1e3 if args.mm_gflops else None)  # TFLOP/s
+    floor_ms = 1e3 * args.batch_size * args.block_size * fpt / (args.mm_gflops * 1e9) if args.mm_gflops else None
     return {
         "ms_step": ms,
         "tok_s": tok_s,
         "mfu_pct": 100 * tok_s * fpt / (peak * 1e12) if peak else "-",
+        "floor_ms": floor_ms if floor_ms else "-",
+        "x_floor": ms / floor_ms if floor_ms else "-",
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else "-",
         "loss": final_loss,
         "params_m": model.num_parameters() / 1e6,
@@ -161,17 +204,24 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; quick: 1)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    quick = args.quick
-    args.presets = args.presets or (["tiny"] if quick else ["gpt2", "gpt2-medium"])
-    args.providers = args.providers or (["reference", "pytorch"] if quick else list(DEFAULT_PROVIDERS))
-    args.block_size = args.block_size or (32 if quick else 1024)
-    args.batch_size = args.batch_size or (2 if quick else 16)
-    args.steps = args.steps or (2 if quick else 20)
-    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 5)
+    quick, cpu = args.quick, device.type == "cpu" and not args.quick
+    args.presets = args.presets or (["tiny"] if quick else ["cpu-small", "gpt2"] if cpu else ["gpt2", "gpt2-medium"])
+    args.providers = args.providers or (["reference", "pytorch"] if quick else list(CPU_PROVIDERS) if cpu
+                                        else list(DEFAULT_PROVIDERS))
+    args.block_size = args.block_size or (32 if quick else 64 if cpu else 1024)
+    args.batch_size = args.batch_size or (2 if quick else 4 if cpu else 16)
+    args.steps = args.steps or (2 if quick else 5 if cpu else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2 if cpu else 5)
+    if device.type == "cpu":
+        from llm import train_setup
+
+        train_setup.keep_freed_memory()  # as llm pretrain does on a CPU
+    args.mm_gflops = matmul_gflops(device) if device.type == "cpu" else None
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -181,7 +231,12 @@ def main(argv=None) -> int:
     peak = peak_tflops(device)
     env.update(dtype=args.dtype, batch=f"{args.batch_size} x {args.block_size} tokens",
                steps=f"{args.warmup} warm-up + {args.steps} timed",
-               peak=f"{peak} TFLOP/s dense bf16" if peak else "unknown (MFU not reported)")
+               peak=f"{peak} TFLOP/s dense bf16" if peak else
+               f"torch.mm {args.mm_gflops:.0f} GFLOP/s fp32, measured in this run" if args.mm_gflops else
+               "unknown (MFU not reported)",
+               activation_checkpointing=str(args.activation_checkpointing))
+    if device.type == "cpu":
+        env["device"] = f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)"
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
     rows = []
     for preset in args.presets:
@@ -190,20 +245,23 @@ def main(argv=None) -> int:
             reason = skip_reason(provider, device)
             if reason:
                 print(f"skip {provider} ({preset}): {reason}")
-                row.update(ms_step="-", tok_s="-", mfu_pct="-", peak_mem_gb="-", loss="-", note=reason[:100])
+                row.update(ms_step="-", tok_s="-", mfu_pct="-", floor_ms="-", x_floor="-", peak_mem_gb="-", loss="-",
+                           note=reason[:100])
             else:
                 try:
                     row.update(run_provider(provider, preset, args, device))
                 except (RuntimeError, torch.OutOfMemoryError, kernels.BackendUnavailableError) as exc:
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     print(f"failed {provider} ({preset}): {first}")
-                    row.update(ms_step="-", tok_s="-", mfu_pct="-", peak_mem_gb="-", loss="-", note=first[:100])
+                    row.update(ms_step="-", tok_s="-", mfu_pct="-", floor_ms="-", x_floor="-", peak_mem_gb="-",
+                               loss="-", note=first[:100])
             report_row(rows, row)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             torch._dynamo.reset()  # each compiled provider starts from a clean cache
-    columns = ["preset", "provider", "ms_step", "tok_s", "mfu_pct", "peak_mem_gb", "loss", "params_m", "note"]
+    columns = ["preset", "provider", "ms_step", "tok_s", "mfu_pct", "floor_ms", "x_floor", "peak_mem_gb", "loss",
+               "params_m", "note"]
     print(markdown_table(rows, columns))
     stem = write_results("train", rows, columns, env, args.out)
     if any(r["tok_s"] != "-" for r in rows):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,15 +108,20 @@ def test_cross_entropy_benchmark_quick(tmp_path):
 
 def test_train_benchmark_quick(tmp_path):
     result = subprocess.run(
-        [sys.executable, "bench/train.py", "--quick", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)],
+        [sys.executable, "bench/train.py", "--quick", "--steps", "2", "--warmup", "1", "--out", str(tmp_path),
+         "--providers", "reference", "pytorch", "auto"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     (csv_path,) = tmp_path.glob("train_*.csv")
     rows = {r["provider"]: r for r in csv.DictReader(csv_path.open())}
-    assert set(rows) == {"reference", "pytorch"}
+    assert set(rows) == {"reference", "pytorch", "auto"}
     for r in rows.values():
         assert float(r["tok_s"]) > 0 and float(r["ms_step"]) > 0
+        # on the CPU: the matmul floor from torch.mm measured in the run, and MFU against the same rate
+        assert float(r["x_floor"]) == pytest.approx(float(r["ms_step"]) / float(r["floor_ms"]), rel=1e-3)
+        assert float(r["mfu_pct"]) == pytest.approx(100 / float(r["x_floor"]), rel=1e-3)
+    assert "torch.mm" in result.stdout and "GFLOP/s fp32, measured in this run" in result.stdout
     # same seed, same batch, same steps, fp32: the two backends compute the same training run
     assert abs(float(rows["reference"]["loss"]) - float(rows["pytorch"]["loss"])) < 1e-3
     assert (tmp_path / csv_path.with_suffix(".png").name).stat().st_size > 0
