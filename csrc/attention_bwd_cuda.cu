@@ -44,6 +44,7 @@ __global__ void __launch_bounds__(kThreads)
                           const uint16_t* __restrict__ v, const uint16_t* __restrict__ dout,
                           const float* __restrict__ lse, const float* __restrict__ delta, uint16_t* __restrict__ dk,
                           uint16_t* __restrict__ dv, int Tq, int Tk, float scale, float scale_log2) {
+#if LLM_ATTN_SM80
   constexpr int LD = D + kPad, BM = bwd_block_m<D>();
   extern __shared__ __align__(16) uint16_t smem[];
   uint16_t* sK = smem;
@@ -171,6 +172,9 @@ __global__ void __launch_bounds__(kThreads)
       *reinterpret_cast<uint32_t*>(dv + idx) = Mma<T>::pack(dv_acc[dn][2 * r], dv_acc[dn][2 * r + 1]);
     }
   }
+#else
+  __trap();  // no mma.sync.m16n8k16 below sm_80; the launchers refuse such a GPU first
+#endif
 }
 
 // grid (B*H, ceil(Tq / kBlockM)); smem: sQ, sdO (kBlockM rows), sK, sV (kBlockN rows) of D + kPad halves
@@ -180,6 +184,7 @@ __global__ void __launch_bounds__(kThreads)
                         const uint16_t* __restrict__ dout, const float* __restrict__ lse,
                         const float* __restrict__ delta, uint16_t* __restrict__ dq, int Tq, int Tk, float scale,
                         float scale_log2) {
+#if LLM_ATTN_SM80
   constexpr int LD = D + kPad;
   extern __shared__ __align__(16) uint16_t smem[];
   uint16_t* sQ = smem;
@@ -296,6 +301,9 @@ __global__ void __launch_bounds__(kThreads)
           Mma<T>::pack(dq_acc[dn][2 * r] * scale, dq_acc[dn][2 * r + 1] * scale);
     }
   }
+#else
+  __trap();  // no mma.sync.m16n8k16 below sm_80; the launchers refuse such a GPU first
+#endif
 }
 
 // ---------------------------------------------------------------------------------------- launcher

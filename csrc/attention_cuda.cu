@@ -48,6 +48,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, fwd_min_blocks<D>())
     _attn_fwd_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k, const uint16_t* __restrict__ v,
                      uint16_t* __restrict__ o, float* __restrict__ lse, int Tq, int Tk, float scale_log2) {
+#if LLM_ATTN_SM80
   constexpr int LD = D + kPad;
   extern __shared__ __align__(16) uint16_t smem[];
   uint16_t* sK = smem;  // holds the Q tile first
@@ -185,6 +186,9 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks<D>())
     }
     if (t == 0) lse[i] = (m[r] + __log2f(l[r])) * kLn2;  // natural log: sum_j e^s = 2^m * l
   }
+#else
+  __trap();  // no mma.sync.m16n8k16 below sm_80; the launchers refuse such a GPU first
+#endif
 }
 
 // ---------------------------------------------------------------------------------------- launcher

@@ -21,6 +21,16 @@ AttentionFwdOut attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, con
 AttentionBwdOut attention_bwd_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale);
 
+// The fwd, dK/dV and dQ kernels multiply with mma.sync.m16n8k16 (fp16 and bf16 in, fp32 out), which
+// needs sm_80.  A build that also targets an older arch (7.5: Turing, for LayerNorm and cross-entropy)
+// compiles their bodies only for sm_80 and newer and leaves a __trap() for the older one; the launchers
+// refuse a GPU below 8.0 first (check_cuda_inputs), saying so, as kernels/_cuda_backend.py does before.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define LLM_ATTN_SM80 0
+#else
+#define LLM_ATTN_SM80 1
+#endif
+
 namespace attn {
 
 constexpr int kWarps = 4;
@@ -226,6 +236,12 @@ inline void check_cuda_inputs(const char* op, const at::Tensor& q) {
               ": the CUDA kernels take float16 or bfloat16, got ", q.scalar_type());
   TORCH_CHECK(attention_cuda_supports_head_dim(q.size(3)), op, ": the CUDA kernels support head dims 64 and 128, got ",
               q.size(3));
+  // below sm_80 the kernels hold a __trap() instead of their mma.sync code (LLM_ATTN_SM80 above)
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
+  TORCH_CHECK(major >= 8, op, " needs compute capability 8.0+ (its kernels use mma.sync.m16n8k16 tensor-core "
+              "instructions), got ", q.device(), " with ", major, ".", minor, "; use the torch or triton backend");
 }
 
 }  // namespace attn
