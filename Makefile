@@ -12,11 +12,15 @@ install: $(VENV)/.installed
 
 # Reinstall (and so rebuild kernels._C) when the pins, the build script or the C++/CUDA sources
 # change. --no-build-isolation lets setup.py see the installed torch, which decides what part of
-# the C++/CUDA extension this machine can build.
+# the C++/CUDA extension this machine can build (CUDA code only for the GPUs it sees). pip shows
+# setup.py's output only with -v: the whole of it goes to $(VENV)/build.log, and only the lines that
+# say what was built or skipped are shown, once each (pip runs setup.py more than once).
 $(VENV)/.installed: requirements.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.cuh csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -r requirements.txt
-	$(BIN)/pip install -e . --no-build-isolation --no-deps
+	$(BIN)/pip install -v -e . --no-build-isolation --no-deps > $(VENV)/build.log 2>&1 || \
+	  { tail -n 40 $(VENV)/build.log; echo "(the whole log: $(VENV)/build.log)"; exit 1; }
+	@grep 'llm-from-scratch:' $(VENV)/build.log | sed 's/^ *//' | awk '!seen[$$0]++'
 	touch $@
 
 # --overwrite: each `make train` starts over in out/ (without it a second run refuses to clobber it)

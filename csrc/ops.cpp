@@ -106,8 +106,9 @@ LayerNormBwdOut bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Ten
 }
 
 constexpr const char* kNoCuda =
-    "kernels._C was built without its CUDA kernels (CPU-only build: LLM_SKIP_CUDA_BUILD=1, a CPU-only torch or "
-    "no CUDA toolkit); rebuild with `pip install -e . --no-build-isolation` on a machine with nvcc";
+    "kernels._C was built without its CUDA kernels (CPU-only build: no GPU visible at build time, "
+    "LLM_SKIP_CUDA_BUILD=1, a CPU-only torch or no CUDA toolkit); rebuild with `pip install -e . "
+    "--no-build-isolation --no-deps` on a machine with nvcc and this GPU (or TORCH_CUDA_ARCH_LIST set)";
 
 LayerNormFwdOut fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
   check_fwd(x, weight, bias, eps);
@@ -369,10 +370,29 @@ TORCH_LIBRARY_IMPL(llm_kernels, CUDA, m) {
 
 }  // namespace llm_kernels
 
+// The CUDA code this library holds, as setup.py passes it: -DLLM_CUDA_ARCHS=sm_75,sm_80,sm_90 (cubins,
+// plus compute_XY for embedded PTX); undefined, so "", in a CPU-only build.  kernels/_cuda_backend.py
+// checks a GPU against it before any launch (a GPU the library has no code for would otherwise fail
+// with "no kernel image is available").  Stringified here because quotes would not survive the shell
+// that ninja runs the compiler in.
+#define LLM_STRINGIFY_(...) #__VA_ARGS__
+#define LLM_STRINGIFY(...) LLM_STRINGIFY_(__VA_ARGS__)
+#ifdef LLM_CUDA_ARCHS
+constexpr const char* kCudaArchs = LLM_STRINGIFY(LLM_CUDA_ARCHS);
+#else
+constexpr const char* kCudaArchs = "";
+#endif
+
 // `import kernels._C` needs a module init function; the ops register themselves (TORCH_LIBRARY's static
-// initializers) when the shared library loads, so the module itself is empty.  No pybind11 needed.
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
+// initializers) when the shared library loads, so the module holds only the attribute cuda_archs
+// (kCudaArchs above).  No pybind11 needed.
+PyMODINIT_FUNC PyInit__C(void) {  // PyMODINIT_FUNC holds the extern "C"
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "C++/CUDA kernels; ops live in torch.ops.llm_kernels",
                                -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddStringConstant(m, "cuda_archs", kCudaArchs) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

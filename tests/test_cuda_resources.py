@@ -2,10 +2,15 @@
 
 ``cuobjdump --dump-resource-usage`` lists each kernel's registers, stack frame, local and static shared
 memory for every arch in the fat binary; ``cuobjdump --dump-sass`` gives the machine code.  For every
-arch built (sm_80 and sm_90 by default): no kernel spills (a spill needs a stack frame / local memory),
-static shared memory stays within the 48 KiB a block gets without opting in (the dynamic shared memory
-the launchers request is checked at compile time: static_asserts in csrc/attention_cuda.cuh), and the
-attention kernels multiply on the tensor cores (HMMA instructions in their SASS).
+arch built (the library records them in ``kernels._C.cuda_archs``; CI, with LLM_BUILD_CUDA=1, builds
+sm_75, sm_80 and sm_90): no kernel spills (a spill needs a stack frame / local memory), static shared
+memory stays within the 48 KiB a block gets without opting in (the dynamic shared memory the launchers
+request is checked at compile time: static_asserts in csrc/attention_cuda.cuh), and the attention
+kernels multiply on the tensor cores (HMMA instructions in their SASS) from sm_80 on; below that they
+are a trap only (their mma.sync needs sm_80, and the launchers refuse such a GPU).
+
+Under LLM_BUILD_CUDA=1 without TORCH_CUDA_ARCH_LIST (CI) a library without CUDA code fails here instead
+of skipping: CI must keep compiling the CUDA kernels, Turing to Hopper.
 """
 import os
 import re
@@ -19,6 +24,27 @@ _C = pytest.importorskip("kernels._C", reason="kernels._C is not built; run `pip
 
 STATIC_SHARED_LIMIT = 48 * 1024
 ATTENTION_MMA_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+CI_ARCHS = {"sm_75", "sm_80", "sm_90"}  # setup.py's LLM_BUILD_CUDA=1 list, Turing to Hopper
+
+
+def _ci_build() -> bool:
+    """CI's build: LLM_BUILD_CUDA=1 chose the archs, so the library must hold CUDA code for CI_ARCHS."""
+    return os.environ.get("LLM_BUILD_CUDA") == "1" and not os.environ.get("TORCH_CUDA_ARCH_LIST")
+
+
+def _no_cuda_code(why: str):
+    if _ci_build():
+        pytest.fail(f"LLM_BUILD_CUDA=1, yet {why}: CI no longer compiles the CUDA kernels")
+    pytest.skip(why)
+
+
+def _built_archs() -> set[str]:
+    """The cubin archs setup.py compiled for, as the library records them ("sm_75,sm_80,sm_90")."""
+    return {t for t in getattr(_C, "cuda_archs", "").split(",") if t.startswith("sm_")}
+
+
+def _sm(arch: str) -> int:
+    return int(re.sub(r"\D", "", arch))
 
 
 def _cuobjdump() -> str:
@@ -38,7 +64,7 @@ def _cuobjdump() -> str:
 def _dump(flag: str) -> str:
     out = subprocess.run([_cuobjdump(), flag, str(Path(_C.__file__))], capture_output=True, text=True, timeout=300)
     if "does not contain device code" in out.stderr + out.stdout or (out.returncode != 0 and not out.stdout):
-        pytest.skip("kernels._C was built without its CUDA kernels (CPU-only build)")
+        _no_cuda_code("kernels._C was built without its CUDA kernels (CPU-only build)")
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -62,17 +88,19 @@ def _per_arch(text: str, header: str) -> dict[str, dict[str, str]]:
 def resources():
     arches = _per_arch(_dump("--dump-resource-usage"), "Function")
     if not any(arches.values()):
-        pytest.skip("kernels._C holds no CUDA kernels (CPU-only build)")
+        _no_cuda_code("kernels._C holds no CUDA kernels (CPU-only build)")
     return arches
 
 
 def test_every_kernel_is_built_for_every_arch(resources):
     for arch, funcs in resources.items():  # mangled names hold the kernel's own name
-        for k in ATTENTION_MMA_KERNELS + ("_attn_bwd_delta_kernel", "_ln_fwd_kernel", "_ln_bwd_dx_kernel"):
+        for k in ATTENTION_MMA_KERNELS + ("_attn_bwd_delta_kernel", "_ln_fwd_kernel", "_ln_bwd_dx_kernel",
+                                          "_ce_fwd_kernel", "_ce_bwd_kernel"):
             assert any(k in name for name in funcs), f"{arch}: no {k}"
-    expected = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    wanted = {f"sm_{a.replace('.', '').replace('+PTX', '')}" for a in expected.replace(" ", ";").split(";") if a}
-    assert wanted <= set(resources), f"built for {sorted(resources)}, expected {sorted(wanted)}"
+    # what the library says it holds is what it holds, and CI's build covers Turing to Hopper
+    assert _built_archs() == set(resources), f"kernels._C.cuda_archs={_C.cuda_archs!r}, the binary holds {sorted(resources)}"
+    if _ci_build():
+        assert CI_ARCHS <= set(resources), f"built for {sorted(resources)}, CI expects {sorted(CI_ARCHS)}"
 
 
 def test_no_kernel_spills_or_overflows_static_shared_memory(resources):
@@ -97,4 +125,8 @@ def test_attention_kernels_use_the_tensor_cores():
             bodies = [body for name, body in funcs.items() if kernel in name]
             assert bodies, f"{arch}: {kernel} not found in the SASS"
             for body in bodies:
-                assert re.search(r"\bHMMA\.", body), f"{arch}: {kernel} has no HMMA instruction"
+                if _sm(arch) >= 80:
+                    assert re.search(r"\bHMMA\.", body), f"{arch}: {kernel} has no HMMA instruction"
+                else:  # mma.sync.m16n8k16 needs sm_80: the body is the __trap() of LLM_ATTN_SM80 only
+                    assert "BPT.TRAP" in body and not re.search(r"\bHMMA\.", body), f"{arch}: {kernel} is not the trap stub"
+                    assert len(re.findall(r"/\*[0-9a-f]{4}\*/", body)) < 16, f"{arch}: {kernel} holds more than the trap"
