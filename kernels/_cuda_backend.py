@@ -16,6 +16,10 @@ kernels, csrc/ops.cpp).  This module adds what torch needs on the Python side:
   each (chunk_rows, V) logits chunk, so the (N, V) logits never exist;
 * ``causal_attention`` (ops ``attention_fwd`` / ``attention_bwd``; section "causal attention" at the end).
 
+On a GPU every op first checks that the library holds code for the device's arch and, for attention,
+that the device has compute capability 8.0+ (``gpu_unavailable_reason``): BackendUnavailableError with
+the reason (and the rebuild command) instead of a failed launch.
+
 Every op of the API is implemented.  float64 CUDA tensors go to the reference (the CUDA kernels take
 fp32/fp16/bf16); on the CPU the C++ kernels take all four float dtypes.
 """
@@ -33,6 +37,87 @@ from . import (
 from .backends import BackendUnavailableError, register
 
 _ops = torch.ops.llm_kernels
+
+
+# ---- which GPUs the library can run on -------------------------------------------------------------
+# setup.py compiles the CUDA kernels for the visible GPU's arch (or TORCH_CUDA_ARCH_LIST, or CI's
+# "7.5;8.0;9.0") and records the result in _C.cuda_archs: "sm_75,sm_80,sm_90", plus "compute_XY" for
+# embedded PTX, "" in a CPU-only build.  A GPU is checked against it before the first launch, so a
+# library without code for it says "rebuild" instead of failing with "no kernel image is available".
+
+REBUILD = "pip install -e . --no-build-isolation --no-deps"
+ATTENTION_MIN_CAPABILITY = (8, 0)  # mma.sync.m16n8k16 in fp16 and bf16 (csrc/attention_cuda.cuh)
+
+
+def _device_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of a CUDA device (a function of its own so tests can fake a GPU)."""
+    return torch.cuda.get_device_capability(device)
+
+
+def _compiled_archs() -> str | None:
+    """_C.cuda_archs, or None for a library built before the attribute existed (nothing to check against)."""
+    return getattr(_C, "cuda_archs", None)
+
+
+def _runs_on(targets: list[str], capability: tuple[int, int]) -> bool:
+    """Whether code compiled for ``targets`` runs on a GPU of ``capability``: a cubin sm_XY runs on the
+    same major version with minor >= Y (sm_80 on 8.6 and 8.9; an arch-specific sm_90a on 9.0 only), PTX
+    compute_XY on anything from X.Y up (the driver compiles it)."""
+    major, minor = capability
+    for target in targets:
+        kind, _, num = target.partition("_")
+        exact = num.endswith("a")
+        t_major, t_minor = divmod(int(num.rstrip("af")), 10)
+        if kind == "compute" and (major, minor) >= (t_major, t_minor):
+            return True
+        if kind == "sm" and major == t_major and (minor == t_minor if exact else minor >= t_minor):
+            return True
+    return False
+
+
+_gpu_reasons: dict[tuple[str, int, bool], str | None] = {}  # (op, device index, needs_sm80) -> the answer
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it as Python and keeps the answer, untraced
+def gpu_unavailable_reason(op: str, device: torch.device, needs_sm80: bool = False) -> str | None:
+    """Why the extension's CUDA kernels cannot run ``op`` on CUDA ``device``, or None when they can.
+
+    ``needs_sm80``: the op's kernels use mma.sync (attention): below compute capability 8.0 no rebuild
+    helps.  Otherwise the library must hold code for the device's arch (``_runs_on``).  Cached per device.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (op, index, needs_sm80)
+    if key not in _gpu_reasons:
+        _gpu_reasons[key] = _gpu_reason(op, torch.device("cuda", index), needs_sm80)
+    return _gpu_reasons[key]
+
+
+def _gpu_reason(op: str, device: torch.device, needs_sm80: bool) -> str | None:
+    capability = _device_capability(device)
+    cap = f"{capability[0]}.{capability[1]}"
+    if needs_sm80 and capability < ATTENTION_MIN_CAPABILITY:
+        return (f"{op}: the cuda backend needs compute capability 8.0+ for its attention kernels (mma.sync "
+                f"tensor-core instructions), and {device} has {cap}; use the torch or triton backend")
+    compiled = _compiled_archs()
+    if compiled is None:
+        return None
+    if not compiled:
+        return (f"{op}: kernels._C was built without its CUDA kernels (no GPU visible at build time, "
+                f"LLM_SKIP_CUDA_BUILD=1, a CPU-only torch or no CUDA toolkit); rebuild it on this machine: {REBUILD}")
+    targets = compiled.split(",")
+    if not _runs_on(targets, capability):
+        return (f"{op}: kernels._C was compiled for {', '.join(targets)}, which cannot run on {device} "
+                f"(compute capability {cap}); rebuild it for this GPU: {REBUILD} "
+                f"(setup.py builds for the visible GPUs; or TORCH_CUDA_ARCH_LIST={cap})")
+    return None
+
+
+def _check_gpu(device: torch.device, op: str, needs_sm80: bool = False) -> None:
+    """Raise BackendUnavailableError when ``device`` is a GPU the extension's kernels cannot run ``op`` on."""
+    if device.type == "cuda":
+        reason = gpu_unavailable_reason(op, device, needs_sm80)
+        if reason:
+            raise BackendUnavailableError(reason)
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -82,6 +167,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     """
     if x.device.type == "cuda" and x.dtype == torch.float64:
         return reference.layer_norm(x, weight, bias, eps)
+    _check_gpu(x.device, "layer_norm")
     C = x.shape[-1]
     x2 = x.reshape(-1, C)  # (M, C)
     y, _mean, _rstd = _ops.layer_norm_fwd(x2, weight.to(x.dtype), bias.to(x.dtype), float(eps))
@@ -131,6 +217,7 @@ def add_layer_norm(
     """
     if x.device.type == "cuda" and x.dtype == torch.float64:
         return reference.add_layer_norm(x, residual, weight, bias, eps)
+    _check_gpu(x.device, "add_layer_norm")
     C = x.shape[-1]
     y, total, _mean, _rstd = _ops.add_layer_norm_fwd(
         x.reshape(-1, C), residual.reshape(-1, C), weight.to(x.dtype), bias.to(x.dtype), float(eps)  # (M, C)
@@ -179,6 +266,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     """
     if logits.device.type == "cuda" and logits.dtype == torch.float64:
         return reference.cross_entropy(logits, targets, ignore_index)
+    _check_gpu(logits.device, "cross_entropy")
     V = logits.shape[-1]
     _chunked_linear_ce.check_targets(targets, V, ignore_index)  # on a GPU: an error, not a NaN loss
     loss, _stats = _ops.cross_entropy_fwd(logits.reshape(-1, V), targets.reshape(-1).long(), int(ignore_index))  # (N, V), (N,)
@@ -201,6 +289,7 @@ def linear_cross_entropy_chunked(
     """``linear_cross_entropy`` with an explicit chunk size (rows of logits formed at a time)."""
     if hidden.device.type == "cuda" and hidden.dtype == torch.float64:
         return reference.linear_cross_entropy(hidden, weight, targets, ignore_index)
+    _check_gpu(hidden.device, "linear_cross_entropy")
     return _chunked_linear_ce.linear_cross_entropy_chunked(
         _chunk_ce, hidden, weight, targets.long(), int(ignore_index), chunk_rows
     )
@@ -264,14 +353,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
     q, k, v are made contiguous here, deliberately: the kernels read (B, H, T, D) rows, and the model's
     q/k/v are strided views of one fused QKV projection (one copy each, the same one the reference's
-    matmuls would make).  On CUDA: float64 runs the reference (as layer_norm does); float32, or a head
-    dim the kernels are not built for, raises BackendUnavailableError naming what is supported.
+    matmuls would make).  On CUDA: float64 runs the reference (as layer_norm does); a GPU below compute
+    capability 8.0, float32, or a head dim the kernels are not built for, raises BackendUnavailableError
+    naming what is supported.
     """
     D = q.shape[-1]
     sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if q.device.type == "cuda":
         if q.dtype == torch.float64:
             return reference.causal_attention(q, k, v, scale)
+        _check_gpu(q.device, "causal_attention", needs_sm80=True)
         if q.dtype == torch.float32:
             raise BackendUnavailableError(
                 "causal_attention: the cuda backend's CUDA kernels run on tensor cores and take float16 or "

@@ -4,10 +4,12 @@ Skipped as a whole only when ``kernels._C`` cannot be imported (not built); CI b
 ``pip install -e . --no-build-isolation``.  On a machine without a GPU the CPU kernels run every
 test here except those marked ``gpu``.
 """
+import re
 import time
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 pytest.importorskip("kernels._C", reason="kernels._C is not built; run `pip install -e . --no-build-isolation`")
 
@@ -202,6 +204,101 @@ def test_torch_compile_fullgraph_cpu():
     _close(out, ref, torch.float32, "compiled forward")
     for g, g_ref in zip(grads, (x2.grad, w2.grad, b2.grad)):
         _close(g, g_ref, torch.float32, "compiled grads")
+
+
+# ------------------------------------------------------------ which GPUs the library runs on (faked)
+# No GPU here: _device_capability (and, where a test says so, the library's compiled targets) are
+# replaced, and the CUDA tensors are FakeTensors, which carry a device but no memory.
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """fake_gpu((7, 5), "sm_80,sm_90"): cuda:0 has that compute capability, the library those targets
+    (None: the real library's kernels._C.cuda_archs)."""
+    def make(capability, archs=None):
+        monkeypatch.setattr(_cuda_backend, "_device_capability", lambda device: capability)
+        if archs is not None:
+            monkeypatch.setattr(_cuda_backend, "_compiled_archs", lambda: archs)
+        monkeypatch.setattr(_cuda_backend, "_gpu_reasons", {})  # forget answers about the real (or no) GPU
+    return make
+
+
+def _fake_cuda(*shape, dtype=torch.bfloat16):
+    return torch.empty(shape, device="cuda", dtype=dtype)  # under FakeTensorMode: a device, no memory
+
+
+CUDA0 = torch.device("cuda", 0)
+
+
+def test_attention_below_compute_capability_8_says_so_instead_of_launching(fake_gpu):
+    fake_gpu((7, 5), "sm_75,sm_80,sm_90")
+    reason = _cuda_backend.gpu_unavailable_reason("causal_attention", CUDA0, needs_sm80=True)
+    assert "needs compute capability 8.0+" in reason and "cuda:0 has 7.5" in reason
+    with FakeTensorMode(), kernels.backend("cuda"):
+        q = _fake_cuda(1, 2, 8, 64)
+        with pytest.raises(backends.BackendUnavailableError, match=r"needs compute capability 8\.0\+"):
+            kernels.causal_attention(q, q, q)
+        # LayerNorm and cross-entropy have Turing code in such a library: they run
+        assert _cuda_backend.gpu_unavailable_reason("layer_norm", CUDA0) is None
+        x, w = _fake_cuda(4, 64), _fake_cuda(64)
+        assert kernels.layer_norm(x, w, w).shape == (4, 64)
+    fake_gpu((8, 0), "sm_75,sm_80,sm_90")
+    assert _cuda_backend.gpu_unavailable_reason("causal_attention", CUDA0, needs_sm80=True) is None
+
+
+def test_a_library_without_code_for_the_gpu_says_how_to_rebuild(fake_gpu):
+    fake_gpu((12, 0), "sm_80,sm_90")
+    reason = _cuda_backend.gpu_unavailable_reason("layer_norm", CUDA0)
+    assert "compiled for sm_80, sm_90, which cannot run on cuda:0 (compute capability 12.0)" in reason
+    assert "pip install -e . --no-build-isolation --no-deps" in reason and "TORCH_CUDA_ARCH_LIST=12.0" in reason
+    with FakeTensorMode(), kernels.backend("cuda"):
+        x, w = _fake_cuda(4, 64), _fake_cuda(64)
+        with pytest.raises(backends.BackendUnavailableError, match="rebuild it for this GPU"):
+            kernels.layer_norm(x, w, w)
+    fake_gpu((7, 5), "sm_80,sm_90")  # attention: no rebuild helps below 8.0, so that is what it says
+    assert "needs compute capability 8.0+" in _cuda_backend.gpu_unavailable_reason("causal_attention", CUDA0, True)
+    assert "rebuild it for this GPU" in _cuda_backend.gpu_unavailable_reason("cross_entropy", CUDA0)
+    fake_gpu((9, 0), "")
+    assert "built without its CUDA kernels" in _cuda_backend.gpu_unavailable_reason("layer_norm", CUDA0)
+
+
+def test_the_gpu_check_traces_into_one_graph(fake_gpu):
+    # torch.compile(fullgraph=True) of a model on the cuda backend passes through this check in every op
+    fake_gpu((9, 0), "sm_80,sm_90")
+
+    def f(x):
+        _cuda_backend._check_gpu(CUDA0, "layer_norm")
+        return x * 2
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(torch.ones(2)), torch.full((2,), 2.0))
+
+
+def test_which_compiled_code_runs_on_which_gpu():
+    runs = _cuda_backend._runs_on
+    assert runs(["sm_80"], (8, 0)) and runs(["sm_80"], (8, 6)) and runs(["sm_80"], (8, 9))  # same major, newer minor
+    assert not runs(["sm_80", "sm_90"], (7, 5)) and not runs(["sm_80", "sm_90"], (10, 0))
+    assert not runs(["sm_86"], (8, 0)) and not runs(["sm_90"], (8, 9))
+    assert runs(["sm_80", "compute_90"], (12, 0)) and not runs(["compute_90"], (8, 9))  # PTX: JIT from 9.0 up
+    assert runs(["sm_90a"], (9, 0)) and not runs(["sm_90a"], (9, 1))  # arch-specific code: that arch only
+    assert runs(["sm_75", "sm_80", "sm_90"], (7, 5))
+
+
+def test_the_library_records_what_it_was_compiled_for():
+    archs = kernels._C.cuda_archs  # "" in a CPU-only build
+    assert re.fullmatch(r"((sm|compute)_\d+a?)(,(sm|compute)_\d+a?)*|", archs), archs
+
+
+def test_cpu_tensors_never_ask_for_a_gpu(monkeypatch):
+    def no_gpu(device):
+        raise AssertionError("the capability of a GPU was asked for with CPU tensors")
+
+    monkeypatch.setattr(_cuda_backend, "_device_capability", no_gpu)
+    x, w, b, _ = _inputs((3, 16), torch.float32)
+    q = torch.randn(1, 1, 4, 8)
+    with kernels.backend("cuda"):
+        kernels.layer_norm(x, w, b)
+        kernels.causal_attention(q, q, q)
 
 
 # ---------------------------------------------------------------------------------- GPU (CUDA kernels)
