@@ -196,6 +196,34 @@ def compile_flags(platform: str, cuda: bool) -> dict[str, list[str]]:
     return flags
 
 
+def openmp_flags(platform: str, compiler: str, torch_has_openmp: bool) -> list[str]:
+    """The flag that turns on OpenMP, if this compiler takes it, when torch itself uses OpenMP.
+
+    The CPU kernels parallelize with ``at::parallel_for``, which in an OpenMP build of torch is an
+    ``#pragma omp parallel`` compiled into *our* library: without the flag the pragma is ignored and
+    every kernel runs on one thread (measured: the same time with 1 or 2 threads).  MSVC always has
+    /openmp; gcc has -fopenmp; clang only with an OpenMP runtime installed (Apple's has none), so the
+    flag is tried on an empty program first, and left out -- one thread, still correct -- if it fails.
+    """
+    if not torch_has_openmp:
+        return []
+    if platform == "win32":
+        return ["/openmp"]
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp.cpp")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            ok = subprocess.run([compiler, "-fopenmp", src, "-o", os.path.join(tmp, "omp")],
+                                capture_output=True, timeout=60).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+    return ["-fopenmp"] if ok else []
+
+
 def compiled_cuda_targets(cpp_extension) -> str:
     """The code nvcc will embed for $TORCH_CUDA_ARCH_LIST, as torch turns it into -gencode flags:
     "sm_75,sm_80,sm_90" (cubins), plus "compute_XY" for each PTX ("+PTX").  Raises ValueError for an
@@ -271,11 +299,14 @@ def extension_modules():
     if plan.cxx:
         os.environ["CXX"] = plan.cxx  # torch's build runs $CXX, else c++
     flags = compile_flags(sys.platform, cuda=plan.parts == "cuda")
+    omp = openmp_flags(sys.platform, plan.cxx or os.environ.get("CXX") or "c++", torch._C.has_openmp)
+    flags["cxx"] += omp
+    link = {"extra_link_args": omp} if omp and sys.platform != "win32" else {}
     if plan.parts == "cuda":
         flags["cxx"].append(arch_define)
-        ext = cpp_extension.CUDAExtension("kernels._C", cpp + cu, extra_compile_args=flags)
+        ext = cpp_extension.CUDAExtension("kernels._C", cpp + cu, extra_compile_args=flags, **link)
     else:
-        ext = cpp_extension.CppExtension("kernels._C", cpp, extra_compile_args=flags)
+        ext = cpp_extension.CppExtension("kernels._C", cpp, extra_compile_args=flags, **link)
     base = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [ext], {"build_ext": tolerant_build_ext(base, required=os.environ.get("LLM_REQUIRE_EXTENSION") == "1")}
 

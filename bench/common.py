@@ -38,6 +38,23 @@ def on_backend(op: str, backend_name: str) -> Callable:
     return run
 
 
+def cpu_name() -> str:
+    """The CPU's model name and widest vector extension (what the C++ kernels' SIMD code runs on)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = next((f for f in ("avx512f", "avx2", "neon", "asimd") if f in flags), None)
+    return f"{name}" + (f", {isa}" if isa else "")
+
+
 def environment() -> dict[str, str]:
     """Where and with what a benchmark ran: recorded beside every result."""
     try:
@@ -54,7 +71,7 @@ def environment() -> dict[str, str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)"
     return {
         "date": datetime.date.today().isoformat(),
         "device": device,

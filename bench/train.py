@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import platform
 import sys
 import time
 from pathlib import Path
@@ -88,23 +87,6 @@ def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
-
-
-def cpu_name() -> str:
-    """The CPU's model name and widest vector extension (what the C++ kernels' SIMD code runs on)."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    isa = next((f for f in ("avx512f", "avx2", "neon", "asimd") if f in flags), None)
-    return f"{name}" + (f", {isa}" if isa else "")
 
 
 def flops_per_token(model: GPT, T: int) -> float:
@@ -235,8 +217,6 @@ def main(argv=None) -> int:
                f"torch.mm {args.mm_gflops:.0f} GFLOP/s fp32, measured in this run" if args.mm_gflops else
                "unknown (MFU not reported)",
                activation_checkpointing=str(args.activation_checkpointing))
-    if device.type == "cpu":
-        env["device"] = f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)"
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
     rows = []
     for preset in args.presets:

@@ -50,13 +50,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     ``scale`` defaults to 1/sqrt(D).  Returns (B, H, Tq, D) in q's dtype.
     """
     _validate.check_attention(q, k, v, scale)
-    return resolve("causal_attention", q.device)(q, k, v, scale)
+    return resolve("causal_attention", q.device, q)(q, k, v, scale)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim of x (..., C) with weight and bias of shape (C,); returns x's dtype."""
     _validate.check_layer_norm(x, weight, bias, eps)
-    return resolve("layer_norm", x.device)(x, weight, bias, eps)
+    return resolve("layer_norm", x.device, x)(x, weight, bias, eps)
 
 
 def add_layer_norm(
@@ -67,7 +67,7 @@ def add_layer_norm(
     x, residual: (..., C), same shape, dtype and device; weight, bias: (C,).  Both outputs in x's dtype.
     """
     _validate.check_add_layer_norm(x, residual, weight, bias, eps)
-    return resolve("add_layer_norm", x.device)(x, residual, weight, bias, eps)
+    return resolve("add_layer_norm", x.device, x)(x, residual, weight, bias, eps)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -77,7 +77,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     ignored).  Returns a float32 scalar (float64 for float64 logits).
     """
     _validate.check_cross_entropy(logits, targets, ignore_index)
-    return resolve("cross_entropy", logits.device)(logits, targets, ignore_index)
+    return resolve("cross_entropy", logits.device, logits)(logits, targets, ignore_index)
 
 
 def linear_cross_entropy(
@@ -89,4 +89,4 @@ def linear_cross_entropy(
     Backends that fuse it never materialize the (N, V) logits.
     """
     _validate.check_linear_cross_entropy(hidden, weight, targets, ignore_index)
-    return resolve("linear_cross_entropy", hidden.device)(hidden, weight, targets, ignore_index)
+    return resolve("linear_cross_entropy", hidden.device, hidden, weight)(hidden, weight, targets, ignore_index)

@@ -36,15 +36,17 @@ OPS = ("causal_attention", "layer_norm", "add_layer_norm", "cross_entropy", "lin
 #   pass every test, forward and backward, in Triton's interpreter on the CPU (fp32 and fp16); they
 #   have not yet run on a GPU in this version (no GPU was lent while they were written): the GPU
 #   tests (`pytest -m gpu`) and bench/gpu_session.sh are the first thing to run on one.
-# * CPU: the reference.  The interpreter is far too slow to train with, and the reference is what a
-#   reader steps through; `LLM_KERNELS=pytorch` runs PyTorch's own ops instead.
+# * CPU: per op and shape, whichever of the reference, PyTorch's own ops and the extension's C++
+#   kernels measured fastest there (float32; the table bench/cpu_dispatch.py writes and
+#   kernels/_cpu_dispatch.py reads), else the reference.  Triton's interpreter is far too slow to train
+#   with.  `--kernels torch` (LLM_KERNELS=torch) keeps the readable reference on the CPU.
 # * MPS (Apple GPUs) and any other device: PyTorch's own fused ops, which run there, then the
 #   reference.  Triton and the extension never run there (they say so when asked for by name).
 # * "cuda" (the C++/CUDA extension) joins a list only on evidence: its GPU tests passed on a real
 #   device and its benchmark beat the backend after it, with the logs under bench/results/.
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "pytorch", "torch"),
-    "cpu": ("torch",),
+    "cpu": ("torch",),  # the fallback: float32 calls are decided by the measured table (see resolve)
     "mps": ("pytorch", "torch"),
 }
 OTHER_DEVICES = ("pytorch", "torch")  # what "auto" tries on a device type not listed above
@@ -181,24 +183,46 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, str | No
     return report
 
 
-def backend_for(op: str, device: torch.device | str) -> str:
-    """The name of the backend that :func:`resolve` runs ``op`` on for ``device`` (quietly: no warnings)."""
+def backend_for(op: str, device: torch.device | str, *tensors: torch.Tensor) -> str:
+    """The name of the backend that :func:`resolve` runs ``op`` on for ``device`` (quietly: no
+    warnings); on the CPU pass the call's tensors too, or the answer is the fallback's."""
     device = torch.device(device)
     requested = get_backend()
     if requested != "auto":
         return requested
+    measured = _cpu_measured_choice(op, device, tensors)
+    if measured is not None:
+        return measured
     return next(name for name in AUTO_PREFERENCE.get(device.type, OTHER_DEVICES)
                 if unavailable_reason(name, op, device) is None)
 
 
-def resolve(op: str, device: torch.device) -> Callable:
-    """The implementation of ``op`` to run on tensors living on ``device``."""
+def _cpu_measured_choice(op: str, device: torch.device, tensors: tuple[torch.Tensor, ...]) -> str | None:
+    """On the CPU, for float32 tensors: the fastest available backend at this shape by the measured
+    table (kernels/_cpu_dispatch.py); None elsewhere, or without a table."""
+    if device.type != "cpu" or not tensors or tensors[0].dtype != torch.float32:
+        return None
+    from . import _cpu_dispatch
+
+    table = _cpu_dispatch.table()
+    if table is None:
+        return None
+    return table.fastest(op, _cpu_dispatch.shape_key(op, *tensors),
+                         lambda name: unavailable_reason(name, op, device) is None)
+
+
+def resolve(op: str, device: torch.device, *tensors: torch.Tensor) -> Callable:
+    """The implementation of ``op`` to run on tensors living on ``device`` (``tensors``: the call's
+    leading tensors, which on the CPU decide "auto" by shape)."""
     requested = get_backend()
     if requested != "auto":
         reason = unavailable_reason(requested, op, device)
         if reason:
             raise BackendUnavailableError(f"kernels backend {requested!r} cannot run {op} on {device}: {reason}")
         return _IMPLS[requested][op]
+    measured = _cpu_measured_choice(op, device, tensors)
+    if measured is not None:
+        return _IMPLS[measured][op]
     for name in AUTO_PREFERENCE.get(device.type, OTHER_DEVICES):
         reason = unavailable_reason(name, op, device)
         if reason is None:

@@ -227,3 +227,31 @@ def test_a_failed_build_fails_the_install_when_the_extension_is_required(failing
     assert result.returncode != 0
     assert lines[-1] == (f"{PREFIX} building kernels._C failed (RuntimeError: Error compiling objects for extension); "
                          "LLM_REQUIRE_EXTENSION=1: failing the install")
+
+
+# --------------------------------------------------------------------------------------------- OpenMP
+
+def test_openmp_is_on_where_torch_uses_it_and_the_compiler_takes_it():
+    # at::parallel_for in our library is an `omp parallel` pragma: without the flag, one thread.
+    assert setup_py.openmp_flags("linux", "c++", torch_has_openmp=False) == []
+    assert setup_py.openmp_flags("win32", "cl", torch_has_openmp=True) == ["/openmp"]
+    assert setup_py.openmp_flags("linux", "/nonexistent/c++", torch_has_openmp=True) == []  # tried, failed: left out
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("no g++ here to try -fopenmp with")
+    assert setup_py.openmp_flags("linux", gxx, torch_has_openmp=True) == ["-fopenmp"]
+
+
+def test_the_built_cpu_kernels_run_on_every_thread():
+    import torch
+
+    import kernels
+
+    if kernels.available_backends("cpu")["cuda"] or not torch._C.has_openmp:
+        pytest.skip("needs the built extension and an OpenMP torch")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads the library's dynamic dependencies with ldd")
+    import kernels._C as ext
+
+    deps = subprocess.run(["ldd", ext.__file__], capture_output=True, text=True).stdout
+    assert "libgomp" in deps or "libomp" in deps, deps  # the pragmas were compiled in
