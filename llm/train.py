@@ -294,11 +294,16 @@ class Trainer:
 
         from . import memory
 
-        cfg = self.cfg
+        cfg, c = self.cfg, model.config
+        # Shape-only stand-ins of the two ops' inputs: on the CPU "auto" picks a backend by shape and dtype.
+        dtype = torch.float32 if self.precision.name == "float32" else self.precision.dtype
+        hidden = torch.empty(cfg.batch_size * block_size, c.n_embd, device="meta", dtype=dtype)
+        head = torch.empty(c.vocab_size, c.n_embd, device="meta", dtype=dtype)
+        q = torch.empty(cfg.batch_size, c.n_head, block_size, c.n_embd // c.n_head, device="meta", dtype=dtype)
         est = memory.estimate_training_memory(
-            model.config, model.num_parameters(), batch_size=cfg.batch_size, block_size=block_size,
-            precision=self.precision.name, ce_backend=backend_for("linear_cross_entropy", self.device),
-            attention_backend=backend_for("causal_attention", self.device), world_size=self.dist.world_size)
+            c, model.num_parameters(), batch_size=cfg.batch_size, block_size=block_size,
+            precision=self.precision.name, ce_backend=backend_for("linear_cross_entropy", self.device, hidden, head),
+            attention_backend=backend_for("causal_attention", self.device, q), world_size=self.dist.world_size)
         capacity = memory.device_memory(self.device)
         why = memory.refusal(est, checkpointing=cfg.activation_checkpointing, capacity=capacity, device=self.device,
                              batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
