@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     args.block_size = args.block_size or (32 if quick else 64 if cpu else 1024)
     args.batch_size = args.batch_size or (2 if quick else 4 if cpu else 16)
     args.steps = args.steps or (2 if quick else 5 if cpu else 20)
-    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2 if cpu else 5)
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 4 if cpu else 5)
     if device.type == "cpu":
         from llm import train_setup
 
