@@ -30,9 +30,10 @@ with FLOPs per token = 6·N + 6·L·T·d: 6·N for the forward and backward matm
 non-embedding parameters (the tied LM head included, the position table not), plus the attention
 score and value matmuls, 12·L·T·d halved by the causal mask (as in the PaLM paper's appendix B).
 The peaks come from :data:`PEAK_BF16_TFLOPS` (vendor datasheets, dense, no sparsity).  On a CPU the
-ceiling is measured in the same run instead: ``torch.mm`` FLOP/s on 2048 x 2048 fp32 matrices; the
-matmul floor of a step is its FLOPs at that rate (``floor_ms``), ``x_floor`` is ms/step over it, and
-CPU MFU is achieved FLOP/s over the same rate.
+ceiling is measured in the same run instead, right before each provider (a VM's clock drifts: one
+rate at the start moved between 264 and 343 GFLOP/s from run to run): ``torch.mm`` FLOP/s on 2048 x
+2048 fp32 matrices (``mm_gflops``); the matmul floor of a step is its FLOPs at that rate
+(``floor_ms``), ``x_floor`` is ms/step over it, and CPU MFU is achieved FLOP/s over the same rate.
 ``--activation-checkpointing`` trains with it on (peak memory is the column to compare on a GPU).
 Writes a CSV, a Markdown table and a PNG bar chart under bench/results/ (or --out).
 """
@@ -148,6 +149,7 @@ def run_provider(provider: str, preset: str, args, device: torch.device) -> dict
         "mfu_pct": 100 * tok_s * fpt / (peak * 1e12) if peak else "-",
         "floor_ms": floor_ms if floor_ms else "-",
         "x_floor": ms / floor_ms if floor_ms else "-",
+        "mm_gflops": args.mm_gflops or "-",
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else "-",
         "loss": final_loss,
         "params_m": model.num_parameters() / 1e6,
@@ -203,7 +205,7 @@ def main(argv=None) -> int:
         from llm import train_setup
 
         train_setup.keep_freed_memory()  # as llm pretrain does on a CPU
-    args.mm_gflops = matmul_gflops(device) if device.type == "cpu" else None
+    args.mm_gflops = None  # measured before each provider on a CPU
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -214,7 +216,7 @@ def main(argv=None) -> int:
     env.update(dtype=args.dtype, batch=f"{args.batch_size} x {args.block_size} tokens",
                steps=f"{args.warmup} warm-up + {args.steps} timed",
                peak=f"{peak} TFLOP/s dense bf16" if peak else
-               f"torch.mm {args.mm_gflops:.0f} GFLOP/s fp32, measured in this run" if args.mm_gflops else
+               "torch.mm fp32 GFLOP/s, measured before each provider (mm_gflops)" if device.type == "cpu" else
                "unknown (MFU not reported)",
                activation_checkpointing=str(args.activation_checkpointing))
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
@@ -229,6 +231,8 @@ def main(argv=None) -> int:
                            note=reason[:100])
             else:
                 try:
+                    if device.type == "cpu":
+                        args.mm_gflops = matmul_gflops(device)
                     row.update(run_provider(provider, preset, args, device))
                 except (RuntimeError, torch.OutOfMemoryError, kernels.BackendUnavailableError) as exc:
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -240,7 +244,7 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             torch._dynamo.reset()  # each compiled provider starts from a clean cache
-    columns = ["preset", "provider", "ms_step", "tok_s", "mfu_pct", "floor_ms", "x_floor", "peak_mem_gb", "loss",
+    columns = ["preset", "provider", "ms_step", "tok_s", "mfu_pct", "floor_ms", "x_floor", "mm_gflops", "peak_mem_gb", "loss",
                "params_m", "note"]
     print(markdown_table(rows, columns))
     stem = write_results("train", rows, columns, env, args.out)

@@ -116,12 +116,19 @@ def test_train_benchmark_quick(tmp_path):
     (csv_path,) = tmp_path.glob("train_*.csv")
     rows = {r["provider"]: r for r in csv.DictReader(csv_path.open())}
     assert set(rows) == {"reference", "pytorch", "auto"}
+    sys.path.insert(0, str(ROOT))
+    from bench.train import flops_per_token
+    from llm.model import GPT, GPTConfig
+
+    fpt = flops_per_token(GPT(GPTConfig.from_preset("tiny", block_size=32)), 32)
     for r in rows.values():
         assert float(r["tok_s"]) > 0 and float(r["ms_step"]) > 0
         # on the CPU: the matmul floor from torch.mm measured in the run, and MFU against the same rate
         assert float(r["x_floor"]) == pytest.approx(float(r["ms_step"]) / float(r["floor_ms"]), rel=1e-3)
         assert float(r["mfu_pct"]) == pytest.approx(100 / float(r["x_floor"]), rel=1e-3)
-    assert "torch.mm" in result.stdout and "GFLOP/s fp32, measured in this run" in result.stdout
+        # the floor is the step's FLOPs (tiny preset, B=2, T=32) at the torch.mm rate measured before it
+        assert float(r["floor_ms"]) == pytest.approx(1e3 * 2 * 32 * fpt / (float(r["mm_gflops"]) * 1e9), rel=1e-3)
+    assert "torch.mm fp32 GFLOP/s, measured before each provider" in result.stdout
     # same seed, same batch, same steps, fp32: the two backends compute the same training run
     assert abs(float(rows["reference"]["loss"]) - float(rows["pytorch"]["loss"])) < 1e-3
     assert (tmp_path / csv_path.with_suffix(".png").name).stat().st_size > 0
