@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,10 +46,9 @@ def shape_key(op: str, *tensors: torch.Tensor) -> dict[str, int]:
 class Table:
     """A measured table: ``entries[op]`` is a list of (shape dims, {backend: ms})."""
 
-    def __init__(self, data: dict, source: str):
+    def __init__(self, data: dict, source: str):  # source: the path, for the error message
         if data.get("format") != FORMAT:
             raise ValueError(f"{source}: not a CPU dispatch table (format {data.get('format')!r}, want {FORMAT!r})")
-        self.source, self.machine = source, data.get("machine", "unknown")
         self.entries = {op: [(e["shape"], e["ms"]) for e in rows] for op, rows in data["ops"].items()}
         self._cache: dict[tuple, str] = {}
 
@@ -89,6 +89,7 @@ def table() -> Table | None:
             _table = Table.load(path)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             _table_error = f"cannot read the CPU dispatch table {path} ({exc}); auto runs the reference on the CPU"
+            warnings.warn(f"kernels: {_table_error}", stacklevel=2)
     return _table
 
 

@@ -186,15 +186,26 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, str | No
 def backend_for(op: str, device: torch.device | str, *tensors: torch.Tensor) -> str:
     """The name of the backend that :func:`resolve` runs ``op`` on for ``device`` (quietly: no
     warnings); on the CPU pass the call's tensors too, or the answer is the fallback's."""
-    device = torch.device(device)
     requested = get_backend()
-    if requested != "auto":
-        return requested
+    return requested if requested != "auto" else _auto_choice(op, torch.device(device), tensors, warn=False)
+
+
+def _auto_choice(op: str, device: torch.device, tensors: tuple[torch.Tensor, ...], *, warn: bool) -> str:
+    """What "auto" runs: on the CPU the measured choice, else the first available backend of the
+    device's preference list (with ``warn``, saying once for each one it skips why)."""
     measured = _cpu_measured_choice(op, device, tensors)
     if measured is not None:
         return measured
-    return next(name for name in AUTO_PREFERENCE.get(device.type, OTHER_DEVICES)
-                if unavailable_reason(name, op, device) is None)
+    for name in AUTO_PREFERENCE.get(device.type, OTHER_DEVICES):
+        reason = unavailable_reason(name, op, device)
+        if reason is None:
+            return name
+        key = (name, op, device.type)
+        if warn and key not in _warned:
+            _warned.add(key)
+            # stacklevel: this function, resolve, the kernels.<op> wrapper, then the caller's line
+            warnings.warn(f"kernels: auto skips the {name} backend for {op} on {device.type}: {reason}", stacklevel=4)
+    raise AssertionError("the torch backend runs everywhere")  # pragma: no cover
 
 
 def _cpu_measured_choice(op: str, device: torch.device, tensors: tuple[torch.Tensor, ...]) -> str | None:
@@ -220,15 +231,4 @@ def resolve(op: str, device: torch.device, *tensors: torch.Tensor) -> Callable:
         if reason:
             raise BackendUnavailableError(f"kernels backend {requested!r} cannot run {op} on {device}: {reason}")
         return _IMPLS[requested][op]
-    measured = _cpu_measured_choice(op, device, tensors)
-    if measured is not None:
-        return _IMPLS[measured][op]
-    for name in AUTO_PREFERENCE.get(device.type, OTHER_DEVICES):
-        reason = unavailable_reason(name, op, device)
-        if reason is None:
-            return _IMPLS[name][op]
-        key = (name, op, device.type)
-        if key not in _warned:
-            _warned.add(key)
-            warnings.warn(f"kernels: auto skips the {name} backend for {op} on {device.type}: {reason}", stacklevel=3)
-    raise AssertionError("the torch backend runs everywhere")  # pragma: no cover
+    return _IMPLS[_auto_choice(op, device, tensors, warn=True)][op]
