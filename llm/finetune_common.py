@@ -257,8 +257,7 @@ def train_loop(cfg: FinetuneConfig, model: GPT, device: torch.device, precision:
                     raise NonFiniteLoss(f"non-finite loss ({value}) at step {step + 1}; try a lower --lr")
                 # unscale (fp16), clip, step -- or skip the step when fp16 gradients overflowed
                 _, skipped = precision.step(optimizer, params, cfg.grad_clip)
-                if precision.scaler.is_enabled():
-                    extra = {**extra, "loss_scale": precision.scaler.get_scale(), "skipped": skipped}
+                extra = {**extra, **precision.metrics(skipped)}
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 losses.append(value)

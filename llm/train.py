@@ -451,8 +451,7 @@ class Trainer:
         self.losses.append(loss_value)
         record = dict(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens=self.tokens_seen,
                       tok_per_s=self.tokens_per_step / dt, dt_ms=1000 * dt)
-        if self.precision.scaler.is_enabled():
-            record.update(loss_scale=self.precision.scaler.get_scale(), skipped=skipped)
+        record.update(self.precision.metrics(skipped))
         self.metrics.log(**record)
         return record
 

@@ -73,6 +73,10 @@ class Precision:
         skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale
         return (None if skipped else norm), skipped
 
+    def metrics(self, skipped: bool) -> dict:
+        """What a step logs about loss scaling: the scale and whether the step was skipped (fp16 only)."""
+        return {"loss_scale": self.scaler.get_scale(), "skipped": skipped} if self.scaler.is_enabled() else {}
+
 
 def choose_precision(device: torch.device, dtype: str) -> Precision:
     """``dtype`` "auto": bf16 autocast on a CUDA GPU that has bf16 (Ampere and newer), fp16 with loss
@@ -89,13 +93,6 @@ def choose_precision(device: torch.device, dtype: str) -> Precision:
     if torch.cuda.is_bf16_supported(including_emulation=False):
         return Precision(device, "bfloat16", f"auto: {gpu} has bf16")
     return Precision(device, "float16", f"auto: {gpu} has no bf16")
-
-
-def autocast_context(device: torch.device, dtype: str):
-    """(factory of the forward's autocast context, name of the compute dtype): :func:`choose_precision`
-    for loops that need no loss scaling (evaluation, generation)."""
-    precision = choose_precision(device, dtype)
-    return precision.autocast, precision.name
 
 
 def set_cpu_threads() -> int:
