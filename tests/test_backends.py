@@ -1,4 +1,5 @@
 """Backend selection: one place, explicit requests fail loudly, auto falls back."""
+import os
 import subprocess
 import sys
 
@@ -38,7 +39,16 @@ def test_unknown_backend_name():
         kernels.set_backend("tpu")
 
 
+def _import_triton_kernels_under_the_interpreter():
+    """Triton decides interpreted-or-compiled when each @triton.jit kernel is decorated, i.e. when the
+    backend is first imported: import it now, while TRITON_INTERPRET=1, so that a test which then
+    unsets the variable does not leave compiled-mode kernels behind for the CPU tests after it."""
+    if os.environ.get("TRITON_INTERPRET"):
+        backends._load_backend("triton")
+
+
 def test_explicit_backend_that_cannot_run_raises_naming_why(monkeypatch):
+    _import_triton_kernels_under_the_interpreter()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # without the interpreter Triton needs CUDA tensors
     q = torch.randn(1, 1, 2, 4)
     with kernels.backend("triton"), pytest.raises(kernels.BackendUnavailableError, match="'triton' cannot run causal_attention on cpu: .+CUDA tensors"):
@@ -65,6 +75,7 @@ def test_cuda_backend_without_the_extension_raises_naming_why():
 
 
 def test_available_backends_reports_reasons(monkeypatch):
+    _import_triton_kernels_under_the_interpreter()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     report = kernels.available_backends("cpu")
     assert report["torch"] is None and report["pytorch"] is None
