@@ -134,6 +134,39 @@ def test_tied_and_untied_weights():
     torch.testing.assert_close(model(idx)[0], before)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_embedding_gradient_is_dense_and_equals_the_dense_lookups(monkeypatch, tie):
+    """On the CPU the tied lookup's gradient is sparse inside autograd (llm.model.GPT._embed_tokens);
+    what reaches .grad must still be one dense tensor with the same values as the dense lookup gives,
+    over two accumulated micro-batches."""
+    def grads(sparse_allowed: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = GPT(small_config(tie_weights=tie))
+        g = torch.Generator().manual_seed(1)
+        seen = []
+        real_embedding = F.embedding
+
+        def embedding(idx, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+                      sparse=False):
+            if weight is model.transformer.wte.weight:
+                seen.append(sparse)
+            return real_embedding(idx, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq,
+                                  sparse and sparse_allowed)
+
+        monkeypatch.setattr(llm.model.F, "embedding", embedding)
+        for _ in range(2):
+            idx = torch.randint(0, V_SMALL, (2, 16), generator=g)
+            model(idx, idx.roll(1, 1))[1].backward()
+        monkeypatch.undo()
+        assert seen == [tie, tie]  # sparse exactly when tied (on the CPU)
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    sparse, dense = grads(True), grads(False)
+    for name, g in sparse.items():
+        assert g.layout == torch.strided and g.is_contiguous(), name
+        torch.testing.assert_close(g, dense[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 # ---- forward and loss -------------------------------------------------------------------------
 
 
