@@ -34,6 +34,8 @@ ceiling is measured in the same run instead, right before each provider (a VM's 
 rate at the start moved between 264 and 343 GFLOP/s from run to run): ``torch.mm`` FLOP/s on 2048 x
 2048 fp32 matrices (``mm_gflops``); the matmul floor of a step is its FLOPs at that rate
 (``floor_ms``), ``x_floor`` is ms/step over it, and CPU MFU is achieved FLOP/s over the same rate.
+``gemm_ms`` is the time per step inside the GEMMs alone (two more steps under ``torch.profiler``) and
+``gemm_x_floor`` that over ``floor_ms``: the part of ``x_floor`` that no fusion of the other ops can remove.
 ``--activation-checkpointing`` trains with it on (peak memory is the column to compare on a GPU).
 Writes a CSV, a Markdown table and a PNG bar chart under bench/results/ (or --out).
 """
@@ -90,6 +92,22 @@ def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def profiled_gemm_ms(step, steps: int = 2) -> float:
+    """Mean ms per step spent inside the matrix multiplies themselves (CPU): ``steps`` more steps under
+    ``torch.profiler``, summing the self time of :data:`GEMM_OPS`.  Over ``floor_ms`` it says how far
+    the GEMMs alone are from the 2048 x 2048 rate at the step's own shapes, cache and memory traffic."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS)
+    return us / 1e3 / steps
+
+
 def flops_per_token(model: GPT, T: int) -> float:
     cfg = model.config
     return 6 * model.num_parameters(non_embedding=True) + 6 * cfg.n_layer * T * cfg.n_embd
@@ -140,6 +158,10 @@ def run_provider(provider: str, preset: str, args, device: torch.device) -> dict
         final_loss = loss.item()  # synchronizes
         seconds = time.perf_counter() - start
     ms = seconds / args.steps * 1e3
+    gemm_ms = None
+    if device.type == "cpu":
+        with kernels.backend(backend):
+            gemm_ms = profiled_gemm_ms(step)
     tok_s = args.batch_size * args.block_size * args.steps / seconds
     peak = peak_tflops(device) or (args.mm_gflops / 1e3 if args.mm_gflops else None)  # TFLOP/s
     floor_ms = 1e3 * args.batch_size * args.block_size * fpt / (args.mm_gflops * 1e9) if args.mm_gflops else None
@@ -150,6 +172,8 @@ def run_provider(provider: str, preset: str, args, device: torch.device) -> dict
         "floor_ms": floor_ms if floor_ms else "-",
         "x_floor": ms / floor_ms if floor_ms else "-",
         "mm_gflops": args.mm_gflops or "-",
+        "gemm_ms": gemm_ms if gemm_ms is not None else "-",
+        "gemm_x_floor": gemm_ms / floor_ms if gemm_ms is not None and floor_ms else "-",
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else "-",
         "loss": final_loss,
         "params_m": model.num_parameters() / 1e6,
@@ -244,8 +268,8 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             torch._dynamo.reset()  # each compiled provider starts from a clean cache
-    columns = ["preset", "provider", "ms_step", "tok_s", "mfu_pct", "floor_ms", "x_floor", "mm_gflops", "peak_mem_gb", "loss",
-               "params_m", "note"]
+    columns = ["preset", "provider", "ms_step", "tok_s", "mfu_pct", "floor_ms", "x_floor", "mm_gflops", "gemm_ms",
+               "gemm_x_floor", "peak_mem_gb", "loss", "params_m", "note"]
     print(markdown_table(rows, columns))
     stem = write_results("train", rows, columns, env, args.out)
     if any(r["tok_s"] != "-" for r in rows):

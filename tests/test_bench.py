@@ -128,6 +128,9 @@ def test_train_benchmark_quick(tmp_path):
         assert float(r["mfu_pct"]) == pytest.approx(100 / float(r["x_floor"]), rel=1e-3)
         # the floor is the step's FLOPs (tiny preset, B=2, T=32) at the torch.mm rate measured before it
         assert float(r["floor_ms"]) == pytest.approx(1e3 * 2 * 32 * fpt / (float(r["mm_gflops"]) * 1e9), rel=1e-3)
+        # the GEMMs alone (profiled) are part of the step, and gemm_x_floor is their time over the floor
+        assert 0 < float(r["gemm_ms"]) < float(r["ms_step"]) * 1.5
+        assert float(r["gemm_x_floor"]) == pytest.approx(float(r["gemm_ms"]) / float(r["floor_ms"]), rel=1e-3)
     assert "torch.mm fp32 GFLOP/s, measured before each provider" in result.stdout
     # same seed, same batch, same steps, fp32: the two backends compute the same training run
     assert abs(float(rows["reference"]["loss"]) - float(rows["pytorch"]["loss"])) < 1e-3
