@@ -32,9 +32,9 @@ CANDIDATES = ("torch", "pytorch", "cuda")  # backends that run on the CPU at tra
 def shape_key(op: str, *tensors: torch.Tensor) -> dict[str, int]:
     """The dimensions of a call that the table is indexed by (the op's first tensors, as the API takes them)."""
     first = tensors[0]
-    if op == "causal_attention":  # q (B, H, T, D)
+    if op in ("causal_attention", "rope"):  # q or x (B, H, T, D)
         return {"BH": first.shape[0] * first.shape[1], "T": first.shape[2], "D": first.shape[3]}
-    if op in ("layer_norm", "add_layer_norm"):  # x (..., C)
+    if op in ("layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "swiglu"):  # x or gate (..., C)
         return {"M": first.numel() // max(first.shape[-1], 1), "C": first.shape[-1]}
     if op == "cross_entropy":  # logits (..., V)
         return {"N": first.numel() // max(first.shape[-1], 1), "V": first.shape[-1]}

@@ -1,7 +1,9 @@
 """The "pytorch" backend: PyTorch's own fused ops, the baseline our kernels have to beat.
 
 This is how nanoGPT builds a GPT: ``F.scaled_dot_product_attention`` (flash / memory-efficient /
-cuDNN kernels on a GPU), ``F.layer_norm`` and ``F.cross_entropy`` on materialized logits.  It is not
+cuDNN kernels on a GPU; ``enable_gqa`` for k/v with fewer heads), ``F.layer_norm`` and ``F.cross_entropy``
+on materialized logits; and how Hugging Face's Llama runs: ``F.rms_norm``, ``F.silu(gate) * up``, RoPE as
+``x * cos + rotate_half(x) * sin``.  It is not
 the oracle -- that is the plain "torch" reference in ``reference.py``, which spells every step out in
 fp32 -- but the best a PyTorch user gets without writing a kernel; ``bench/train.py`` trains with it
 (plus ``torch.compile`` and fused AdamW) as the "PyTorch-native" baseline.
@@ -32,11 +34,12 @@ from .backends import register
 @register("pytorch", "causal_attention")
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     Tq, Tk = q.shape[-2], k.shape[-2]
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}  # k/v with fewer heads (SDPA's GQA)
     if Tq == Tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
     # bottom-right: query i sees keys j <= i + (Tk - Tq)
     keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)  # (Tq, Tk)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, **gqa)
 
 
 @register("pytorch", "layer_norm")
@@ -50,6 +53,34 @@ def add_layer_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     total = x + residual  # (..., C)
     return layer_norm(total, weight, bias, eps), total
+
+
+@register("pytorch", "rms_norm")
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
+
+
+@register("pytorch", "add_rms_norm")
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    total = x + residual  # (..., C)
+    return rms_norm(total, weight, eps), total
+
+
+@register("pytorch", "rope")
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # PyTorch has no fused RoPE: this is Hugging Face's apply_rotary_pos_emb, x * cos + rotate_half(x) * sin,
+    # with cos and sin duplicated to the full head dim, in x's dtype.
+    cos, sin = torch.cat([cos, cos], dim=-1).to(x.dtype), torch.cat([sin, sin], dim=-1).to(x.dtype)  # (T, D)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (B, H, T, D)
+    return x * cos + rotated * sin
+
+
+@register("pytorch", "swiglu")
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 @register("pytorch", "cross_entropy")

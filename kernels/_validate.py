@@ -65,9 +65,14 @@ def check_attention(q, k, v, scale) -> None:
     if k.shape != v.shape:
         raise ValueError(f"{op}: k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     (B, H, Tq, D), (Bk, Hk, Tk, Dk) = q.shape, k.shape
-    if (B, H, D) != (Bk, Hk, Dk):
+    if (B, D) != (Bk, Dk):
         raise ValueError(
-            f"{op}: q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree in batch, heads and head dim (B, H, _, D)"
+            f"{op}: q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree in batch and head dim (B, _, _, D)"
+        )
+    if H % Hk:
+        raise ValueError(
+            f"{op}: q's {H} heads must be a multiple of k/v's {Hk} (grouped-query attention shares each k/v head "
+            f"among H / H_kv query heads), got q {tuple(q.shape)} and k/v {tuple(k.shape)}"
         )
     if Tq > Tk:
         raise ValueError(
@@ -147,3 +152,53 @@ def check_linear_cross_entropy(hidden, weight, targets, ignore_index) -> None:
     _same_dtype(op, {"hidden": hidden, "weight": weight})
     _check_targets(op, targets, hidden.shape[:-1], weight.shape[0], ignore_index)
     _same_device(op, {"hidden": hidden, "weight": weight, "targets": targets})
+
+
+def check_rms_norm(x, weight, eps, op: str = "rms_norm") -> None:
+    _tensor(op, "x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must have a non-empty last dimension to normalize over, got {_describe(x)}")
+    _tensor(op, "weight", weight)
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"{op}: weight must have shape ({x.shape[-1]},) to match x's last dim, got {_describe(weight)}")
+    _same_device(op, {"x": x, "weight": weight})
+    _number(op, "eps", eps, positive=True)
+
+
+def check_add_rms_norm(x, residual, weight, eps) -> None:
+    op = "add_rms_norm"
+    check_rms_norm(x, weight, eps, op)
+    _tensor(op, "residual", residual)
+    if residual.shape != x.shape:
+        raise ValueError(f"{op}: residual must have x's shape {tuple(x.shape)}, got {_describe(residual)}")
+    _same_dtype(op, {"x": x, "residual": residual})
+    _same_device(op, {"x": x, "residual": residual})
+
+
+def check_rope(x, cos, sin) -> None:
+    op = "rope"
+    _tensor(op, "x", x)
+    if x.dim() != 4 or 0 in x.shape:
+        raise ValueError(f"{op}: x must be a non-empty 4-D (B, H, T, D) tensor, got {_describe(x)}")
+    T, D = x.shape[2], x.shape[3]
+    if D % 2:
+        raise ValueError(f"{op}: x's head dim D must be even (it rotates D/2 pairs), got {_describe(x)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        _tensor(op, name, t, (torch.float32,), kind="float32")
+        if t.shape != (T, D // 2):
+            raise ValueError(
+                f"{op}: {name} must have shape (T, D/2) = ({T}, {D // 2}) for x {tuple(x.shape)}, got {_describe(t)}"
+            )
+    _same_device(op, {"x": x, "cos": cos, "sin": sin})
+
+
+def check_swiglu(gate, up) -> None:
+    op = "swiglu"
+    for name, t in (("gate", gate), ("up", up)):
+        _tensor(op, name, t)
+        if t.dim() < 1 or t.numel() == 0:
+            raise ValueError(f"{op}: {name} must be a non-empty tensor, got {_describe(t)}")
+    if gate.shape != up.shape:
+        raise ValueError(f"{op}: gate and up must have the same shape, got gate {tuple(gate.shape)} and up {tuple(up.shape)}")
+    _same_dtype(op, {"gate": gate, "up": up})
+    _same_device(op, {"gate": gate, "up": up})

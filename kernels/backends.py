@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 BACKENDS = ("auto", "torch", "pytorch", "triton", "cuda")
-OPS = ("causal_attention", "layer_norm", "add_layer_norm", "cross_entropy", "linear_cross_entropy")
+OPS = ("causal_attention", "layer_norm", "add_layer_norm", "cross_entropy", "linear_cross_entropy",
+       "rms_norm", "add_rms_norm", "rope", "swiglu")
 
 # What "auto" tries, fastest first, per device type; a backend that cannot run an op (not built,
 # unsupported shape or dtype) is skipped with a one-time notice.

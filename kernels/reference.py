@@ -26,7 +26,8 @@ import math
 
 import torch
 
-__all__ = ["causal_attention", "layer_norm", "add_layer_norm", "cross_entropy", "linear_cross_entropy"]
+__all__ = ["causal_attention", "layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "rope", "swiglu",
+           "cross_entropy", "linear_cross_entropy"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,7 +45,11 @@ def _exact(device: torch.device):
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Causal scaled dot-product attention, ``softmax(q k^T * scale + mask) v``.
 
-    q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tq <= Tk.  Returns (B, H, Tq, D) in q's dtype.
+    q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D) with Tq <= Tk.  Returns (B, H, Tq, D) in q's dtype.
+
+    Grouped-query attention (H_kv < H, H a multiple of H_kv): query head h reads k/v head
+    h // (H / H_kv).  The reference simply repeats each k/v head for its group (Hugging Face's
+    ``repeat_kv``), so autograd sums the group's gradients into dk and dv; the kernels never copy them.
 
     The mask is aligned bottom-right: the Tq queries are the *last* Tq positions of the Tk-long
     sequence, so query i (0-based) sits at absolute position i + Tk - Tq and sees keys 0..i + Tk - Tq.
@@ -69,6 +74,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     out_dtype = q.dtype
     Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    group = q.shape[1] // k.shape[1]  # query heads per k/v head
+    if group > 1:  # (B, H_kv, Tk, D) -> (B, H, Tk, D): heads h*group .. h*group + group - 1 share k/v head h
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     with _exact(q.device):
         acc = _compute_dtype(q.dtype)
         q, k, v = q.to(acc), k.to(acc), v.to(acc)
@@ -157,6 +165,65 @@ def add_layer_norm(
     with _exact(x.device):
         total = (x.to(_compute_dtype(x.dtype)) + residual.to(_compute_dtype(x.dtype))).to(x.dtype)  # (..., C)
     return layer_norm(total, weight, bias, eps), total
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dimension: ``x / sqrt(mean(x**2) + eps) * weight`` (no mean, no bias).
+
+    x: (..., C); weight: (C,).  Returns x's shape and dtype.  The row is first divided by its largest
+    magnitude s (a constant, so it changes nothing mathematically: the eps term becomes eps / s**2):
+    x**2 of an fp32 row with entries near 1e20 would overflow, and of one near 1e-20 underflow to 0.
+    """
+    out_dtype = x.dtype
+    with _exact(x.device):
+        acc = _compute_dtype(x.dtype)
+        x = x.to(acc)
+        s = x.abs().amax(dim=-1, keepdim=True).detach()  # (..., 1)
+        s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row normalizes to 0 either way
+        y = x / s  # (..., C), entries in [-1, 1]
+        ms = (y * y).mean(dim=-1, keepdim=True) + eps / (s * s)  # (mean(x**2) + eps) / s**2
+        y = y * torch.rsqrt(ms) * weight.to(acc)
+    return y.to(out_dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual), x + residual)``; the sum formed in fp32, both outputs in x's dtype."""
+    with _exact(x.device):
+        total = (x.to(_compute_dtype(x.dtype)) + residual.to(_compute_dtype(x.dtype))).to(x.dtype)  # (..., C)
+    return rms_norm(total, weight, eps), total
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, "rotate half" (Hugging Face Llama / Qwen3 layout).
+
+    x: (B, H, T, D); cos, sin: (T, D/2), the angle of each position and frequency.  The first and second
+    halves of the head dim are the two coordinates of D/2 planes, each turned by its angle:
+    ``(x1, x2) -> (x1*cos - x2*sin, x2*cos + x1*sin)``.  Returns x's shape and dtype.
+    """
+    out_dtype = x.dtype
+    with _exact(x.device):
+        acc = _compute_dtype(x.dtype)
+        x = x.to(acc)
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]  # (B, H, T, D/2) each
+        cos, sin = cos.to(acc), sin.to(acc)  # (T, D/2), broadcast over B and H
+        y = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # (B, H, T, D)
+    return y.to(out_dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` with silu(g) = g * sigmoid(g): the gated MLP of Llama and Qwen (Shazeer 2020).
+
+    Same-shaped inputs; computed in fp32, returned in gate's dtype.
+    """
+    out_dtype = gate.dtype
+    with _exact(gate.device):
+        acc = _compute_dtype(gate.dtype)
+        g, u = gate.to(acc), up.to(acc)
+        y = g * torch.sigmoid(g) * u
+    return y.to(out_dtype)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
