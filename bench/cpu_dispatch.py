@@ -24,10 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 from bench.common import bench, environment, markdown_table, report_row, write_results  # noqa: E402
-from kernels import _cpu_dispatch  # noqa: E402
+from kernels import _cpu_dispatch, backends  # noqa: E402
 
 V = 50257
-# (op, dims): cpu-small is C = 128, H = 4 (D = 32); GPT-2 124M is C = 768, H = 12 (D = 64); B = 4.
+# (op, dims): cpu-small is C = 128, H = 4 (D = 32); GPT-2 124M is C = 768, H = 12 (D = 64); llama-tiny /
+# qwen3-tiny are C = 128 with SwiGLU widths of a few hundred, Llama 3.2 1B C = 2048, I = 8192, D = 64; B = 4.
 GRID = [
     ("linear_cross_entropy", dict(N=N, C=C, V=V)) for N in (256, 512, 1024) for C in (64, 128, 256, 768)
 ] + [
@@ -36,6 +37,12 @@ GRID = [
     ("causal_attention", dict(BH=BH, T=T, D=D)) for BH, D in ((16, 32), (48, 64)) for T in (64, 128, 256)
 ] + [
     (op, dict(M=M, C=C)) for op in ("layer_norm", "add_layer_norm") for M in (256, 512, 1024) for C in (128, 768)
+] + [
+    (op, dict(M=M, C=C)) for op in ("rms_norm", "add_rms_norm") for M in (256, 1024) for C in (128, 768, 2048)
+] + [
+    ("rope", dict(BH=BH, T=T, D=D)) for BH, D in ((8, 32), (16, 64), (48, 64)) for T in (64, 256)
+] + [
+    ("swiglu", dict(M=M, C=C)) for M in (256, 1024) for C in (352, 3072, 8192)
 ]
 QUICK_GRID = [
     ("linear_cross_entropy", dict(N=32, C=16, V=1000)),
@@ -43,6 +50,10 @@ QUICK_GRID = [
     ("causal_attention", dict(BH=4, T=16, D=8)),
     ("layer_norm", dict(M=32, C=16)),
     ("add_layer_norm", dict(M=32, C=16)),
+    ("rms_norm", dict(M=32, C=16)),
+    ("add_rms_norm", dict(M=32, C=16)),
+    ("rope", dict(BH=4, T=16, D=8)),
+    ("swiglu", dict(M=32, C=24)),
 ]
 
 
@@ -62,6 +73,18 @@ def make_call(op: str, dims: dict[str, int], g: torch.Generator):
     if op == "causal_attention":
         q, k, v = (rand(1, dims["BH"], dims["T"], dims["D"]) for _ in range(3))
         return (q, k, v), lambda q, k, v: kernels.causal_attention(q, k, v).square().mean()
+    if op == "rope":
+        x = rand(1, dims["BH"], dims["T"], dims["D"])
+        angle = torch.rand(dims["T"], dims["D"] // 2, generator=g) * 6.3
+        return (x,), lambda x: kernels.rope(x, angle.cos(), angle.sin()).square().mean()
+    if op == "swiglu":
+        gate, up = rand(dims["M"], dims["C"]), rand(dims["M"], dims["C"])
+        return (gate, up), lambda gate, up: kernels.swiglu(gate, up).square().mean()
+    if op in ("rms_norm", "add_rms_norm"):
+        x, w, r = rand(dims["M"], dims["C"]), rand(dims["C"]), rand(dims["M"], dims["C"])
+        if op == "rms_norm":
+            return (x, w), lambda x, w: kernels.rms_norm(x, w).square().mean()
+        return (x, r, w), lambda x, r, w: sum(o.square().mean() for o in kernels.add_rms_norm(x, r, w))
     x, w, b = rand(dims["M"], dims["C"]), rand(dims["C"]), rand(dims["C"])
     if op == "layer_norm":
         return (x, w, b), lambda x, w, b: kernels.layer_norm(x, w, b).square().mean()
@@ -95,7 +118,7 @@ def main(argv=None) -> int:
     train_setup.keep_freed_memory()  # as llm pretrain does on a CPU
 
     env = environment()
-    available = kernels.available_backends("cpu")
+    cpu = torch.device("cpu")
     env.update(dtype="fp32", reps=f"2 warm-up + {reps} timed, median", measured="forward + backward of one call")
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
     rows, table_ops = [], {}
@@ -103,8 +126,9 @@ def main(argv=None) -> int:
         row = {"op": op, "shape": " ".join(f"{k}={v}" for k, v in dims.items())}
         ms = {}
         for backend in _cpu_dispatch.CANDIDATES:
-            if available[backend]:
-                row[backend], ms[backend] = "-", f"skipped: {available[backend]}"
+            reason = backends.unavailable_reason(backend, op, cpu)
+            if reason:
+                row[backend], ms[backend] = "-", f"skipped: {reason}"
                 continue
             ms[backend] = row[backend] = time_op(op, dims, backend, reps)
         timed = {b: t for b, t in ms.items() if isinstance(t, float)}

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +38,7 @@ def test_the_nearest_measured_shape_decides(tmp_path, use_table):
     ]}))
     narrow, wide = torch.randn(4, 64, 100), torch.randn(4, 64, 700)  # M = 256; C nearer 128, nearer 768
     assert backends.resolve("layer_norm", CPU, narrow) is backends._IMPLS["pytorch"]["layer_norm"]
-    expect_wide = "cuda" if kernels.available_backends("cpu")["cuda"] is None else "pytorch"
+    expect_wide = "cuda" if backends.unavailable_reason("cuda", "layer_norm", CPU) is None else "pytorch"
     assert backends.resolve("layer_norm", CPU, wide) is backends._IMPLS[expect_wide]["layer_norm"]
     assert backends.backend_for("layer_norm", CPU, narrow) == "pytorch"
     # an op the table does not list, another dtype, no tensors: the reference
@@ -74,6 +77,9 @@ def test_shape_keys():
     assert _cpu_dispatch.shape_key("cross_entropy", torch.randn(2, 5, 99)) == {"N": 10, "V": 99}
     h, w = torch.randn(2, 5, 16), torch.randn(99, 16)
     assert _cpu_dispatch.shape_key("linear_cross_entropy", h, w) == {"N": 10, "C": 16, "V": 99}
+    assert _cpu_dispatch.shape_key("rms_norm", torch.randn(2, 5, 16)) == {"M": 10, "C": 16}
+    assert _cpu_dispatch.shape_key("swiglu", torch.randn(2, 5, 24)) == {"M": 10, "C": 24}
+    assert _cpu_dispatch.shape_key("rope", q) == {"BH": 6, "T": 5, "D": 8}
 
 
 def test_the_shipped_table_was_measured_for_every_op_and_backend():
@@ -87,6 +93,25 @@ def test_the_shipped_table_was_measured_for_every_op_and_backend():
             assert set(ms) == set(_cpu_dispatch.CANDIDATES), (op, shape)
             assert isinstance(ms["torch"], float)  # the reference always runs
             assert all(isinstance(v, float) or v.startswith("skipped: ") for v in ms.values())
+
+
+def test_the_benchmark_writes_a_table_for_every_op(tmp_path, use_table):
+    """bench/cpu_dispatch.py --quick measures every op on every CPU backend and writes a table auto can read."""
+    table_path = tmp_path / "table.json"
+    result = subprocess.run(
+        [sys.executable, "bench/cpu_dispatch.py", "--quick", "--reps", "1", "--write-table", str(table_path),
+         "--out", str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    use_table(table_path)
+    table = _cpu_dispatch.table()
+    assert set(table.entries) == set(backends.OPS)
+    for op, rows in table.entries.items():
+        for _, ms in rows:
+            assert isinstance(ms["torch"], float) and ms["torch"] > 0, op
+            for name, value in ms.items():  # timed, or skipped with the backend's own reason for this op
+                assert isinstance(value, float) or value == f"skipped: {backends.unavailable_reason(name, op, CPU)}"
 
 
 def test_auto_trains_the_same_model_whatever_it_picks():
