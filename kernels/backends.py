@@ -196,6 +196,7 @@ def _auto_choice(op: str, device: torch.device, tensors: tuple[torch.Tensor, ...
     device's preference list (with ``warn``, saying once for each one it skips why)."""
     measured = _cpu_measured_choice(op, device, tensors)
     if measured is not None:
+        _load_backend(measured)  # the table's fallback (the reference) may not have been imported yet
         return measured
     for name in AUTO_PREFERENCE.get(device.type, OTHER_DEVICES):
         reason = unavailable_reason(name, op, device)
