@@ -37,6 +37,8 @@ test: install
 VENV36  ?= .venv-triton36
 TRITON36_TESTS = tests/test_triton_attention.py tests/test_triton_layernorm.py tests/test_triton_cross_entropy.py \
                  tests/test_triton_model.py tests/test_attention_tiles.py tests/test_triton_compile.py
+TRITON36_TESTS += tests/test_rope_swiglu.py
+TRITON36_TESTS += tests/test_rms_norm.py
 
 $(VENV36)/.installed: .ci/requirements-triton36.txt
 	$(PYTHON) -m venv $(VENV36)

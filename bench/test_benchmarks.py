@@ -4,7 +4,7 @@
     pytest bench --benchmark-only --benchmark-autosave            # keep a record under .benchmarks/
     pytest bench --benchmark-only --benchmark-compare             # against the last saved record
 
-One case per op (attention, layernorm, cross-entropy, linear-CE) x provider x mode (fwd, fwd+bwd).
+One case per op (attention, layernorm, RMSNorm, cross-entropy, linear-CE) x provider x mode (fwd, fwd+bwd).
 On the CPU only the pure-PyTorch reference and PyTorch's own ops run, on small shapes (Triton's
 interpreter is far too slow to be worth timing); on a GPU our "triton" and "cuda" backends join
 them (skipped with the reason when they cannot run) on model-sized shapes, and every call ends with
@@ -23,6 +23,7 @@ from bench import attention as attention_bench
 from bench.common import on_backend
 from bench import cross_entropy as ce_bench
 from bench import layernorm as ln_bench
+from bench import rmsnorm as rms_bench
 from kernels.backends import unavailable_reason
 
 CUDA = torch.cuda.is_available()
@@ -106,6 +107,29 @@ def test_layernorm(benchmark, provider, mode):
         fn = ln_bench.reference_layer_norm
     else:
         fn = ln_bench.f_layer_norm
+    benchmark.extra_info.update(shape=[M, C], dtype=str(DTYPE))
+    _run(benchmark, fn, inputs, mode)
+
+
+RMS_PROVIDERS = [*OURS, *(["add-rms-triton"] if CUDA else []), "reference", "F.rms_norm"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", RMS_PROVIDERS)
+def test_rmsnorm(benchmark, provider, mode):
+    M, C = LN_SHAPE
+    x = torch.randn(M, C, dtype=DTYPE, device=DEVICE, requires_grad=True)
+    w = torch.ones(C, dtype=DTYPE, device=DEVICE, requires_grad=True)
+    inputs = (x, w)
+    if provider == "add-rms-triton":
+        fn = _ours("add_rms_norm", "triton")
+        inputs = (x, torch.randn_like(x, requires_grad=True), w)
+    elif provider in OURS:
+        fn = _ours("rms_norm", provider)
+    elif provider == "reference":
+        fn = rms_bench.reference_rms_norm
+    else:
+        fn = rms_bench.f_rms_norm
     benchmark.extra_info.update(shape=[M, C], dtype=str(DTYPE))
     _run(benchmark, fn, inputs, mode)
 

@@ -1,7 +1,7 @@
 // Causal FlashAttention-2 backward on the GPU (fp16/bf16 tensor cores, fp32 accumulation): the delta,
 // dK/dV and dQ kernels described in attention_cuda.cu, and their launcher attention_bwd_cuda.
 // Recomputes P = exp(S - lse) from the forward's lse; no atomics (each of dQ, dK, dV is written by
-// exactly one block), so it is deterministic.
+// exactly one block; a dK/dV block sums its kv head's whole group of query heads), so it is deterministic.
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h (cuBLAS headers; see layernorm_cuda.cu)
 #include <c10/cuda/CUDAGuard.h>
 
@@ -36,14 +36,15 @@ __global__ void __launch_bounds__(kThreads)
   if (lane == 0) delta[row] = sum;
 }
 
-// grid (B*H, ceil(Tk / kBlockN)); smem: sK, sV (kBlockN rows), sQ, sdO (BM rows) of D + kPad halves,
-// then lse*log2(e) and delta of the BM queries (fp32).
+// grid (B*H_kv, ceil(Tk / kBlockN)); smem: sK, sV (kBlockN rows), sQ, sdO (BM rows) of D + kPad halves,
+// then lse*log2(e) and delta of the BM queries (fp32).  Query heads bhk*group .. bhk*group + group - 1
+// read this block's k/v head: their contributions are summed in dk_acc, dv_acc, one head after another.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
     _attn_bwd_dkdv_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k,
                           const uint16_t* __restrict__ v, const uint16_t* __restrict__ dout,
                           const float* __restrict__ lse, const float* __restrict__ delta, uint16_t* __restrict__ dk,
-                          uint16_t* __restrict__ dv, int Tq, int Tk, float scale, float scale_log2) {
+                          uint16_t* __restrict__ dv, int Tq, int Tk, int group, float scale, float scale_log2) {
 #if LLM_ATTN_SM80
   constexpr int LD = D + kPad, BM = bwd_block_m<D>();
   extern __shared__ __align__(16) uint16_t smem[];
@@ -54,17 +55,17 @@ __global__ void __launch_bounds__(kThreads)
   float* sLse = reinterpret_cast<float*>(sdO + BM * LD);
   float* sDelta = sLse + BM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int64_t bh = blockIdx.x;
+  const int64_t bhk = blockIdx.x;       // (batch, kv head)
   const int j0 = blockIdx.y * kBlockN;  // the first key tiles see the most queries: they start first
   const int offset = Tk - Tq;
-  q += bh * Tq * D;
-  dout += bh * Tq * D;
-  k += bh * Tk * D;
-  v += bh * Tk * D;
-  dk += bh * Tk * D;
-  dv += bh * Tk * D;
-  lse += bh * Tq;
-  delta += bh * Tq;
+  q += bhk * group * Tq * D;  // the group's first query head; advanced by one head per group step
+  dout += bhk * group * Tq * D;
+  lse += bhk * group * Tq;
+  delta += bhk * group * Tq;
+  k += bhk * Tk * D;
+  v += bhk * Tk * D;
+  dk += bhk * Tk * D;
+  dv += bhk * Tk * D;
 
   load_tile<kBlockN, D>(sK, k, j0, Tk);  // visible after the first step's __syncthreads
   load_tile<kBlockN, D>(sV, v, j0, Tk);
@@ -77,7 +78,8 @@ __global__ void __launch_bounds__(kThreads)
   const int key0 = j0 + warp * 16 + g;  // this lane's keys: key0, key0 + 8
   const int first_q = max(0, j0 - offset);  // earlier queries see none of this tile
 
-  for (int i0 = first_q / BM * BM; i0 < Tq; i0 += BM) {
+  // (query head of the group, step of BM queries) pairs, head after head: one loop, i0 wrapping back
+  for (int gh = 0, i0 = first_q / BM * BM; gh < group;) {
     __syncthreads();  // every warp is done with the previous step's sQ, sdO, sLse, sDelta
     load_tile<BM, D>(sQ, q, i0, Tq);
     load_tile<BM, D>(sdO, dout, i0, Tq);
@@ -159,6 +161,15 @@ __global__ void __launch_bounds__(kThreads)
         Mma<T>::run(dk_acc[dn], da, b);
       }
     }
+    i0 += BM;
+    if (i0 >= Tq) {  // the head's last step: on to the group's next query head
+      i0 = first_q / BM * BM;
+      ++gh;
+      q += static_cast<int64_t>(Tq) * D;
+      dout += static_cast<int64_t>(Tq) * D;
+      lse += Tq;
+      delta += Tq;
+    }
   }
 
 #pragma unroll
@@ -182,8 +193,8 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
     _attn_bwd_dq_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k, const uint16_t* __restrict__ v,
                         const uint16_t* __restrict__ dout, const float* __restrict__ lse,
-                        const float* __restrict__ delta, uint16_t* __restrict__ dq, int Tq, int Tk, float scale,
-                        float scale_log2) {
+                        const float* __restrict__ delta, uint16_t* __restrict__ dq, int Tq, int Tk, int group,
+                        float scale, float scale_log2) {
 #if LLM_ATTN_SM80
   constexpr int LD = D + kPad;
   extern __shared__ __align__(16) uint16_t smem[];
@@ -198,8 +209,9 @@ __global__ void __launch_bounds__(kThreads)
   q += bh * Tq * D;
   dout += bh * Tq * D;
   dq += bh * Tq * D;
-  k += bh * Tk * D;
-  v += bh * Tk * D;
+  const int64_t bhk = blockIdx.x / static_cast<unsigned>(group);  // the k/v head it reads (GQA); 32-bit division
+  k += bhk * Tk * D;
+  v += bhk * Tk * D;
   lse += bh * Tq;
   delta += bh * Tq;
 
@@ -313,7 +325,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
               const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
               double scale) {
   const int Tq = static_cast<int>(q.size(2)), Tk = static_cast<int>(k.size(2));
-  const int64_t BH = q.size(0) * q.size(1);
+  const int64_t BH = q.size(0) * q.size(1), BHkv = k.size(0) * k.size(1);
+  const int group = static_cast<int>(q.size(1) / k.size(1));  // query heads per k/v head
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const float sc = static_cast<float>(scale), sc_log2 = sc * kLog2e;
   auto delta = at::empty({BH * Tq}, q.options().dtype(at::kFloat));
@@ -325,17 +338,18 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
 
   auto dkdv = _attn_bwd_dkdv_kernel<T, D>;
   allow_smem(dkdv, dkdv_smem<D>());
-  const dim3 kgrid(static_cast<unsigned>(BH), static_cast<unsigned>((Tk + kBlockN - 1) / kBlockN));
+  const dim3 kgrid(static_cast<unsigned>(BHkv), static_cast<unsigned>((Tk + kBlockN - 1) / kBlockN));
   dkdv<<<kgrid, kThreads, dkdv_smem<D>(), stream>>>(bits(q), bits(k), bits(v), bits(dout), lse.const_data_ptr<float>(),
                                                     delta.const_data_ptr<float>(), bits_mut(dk), bits_mut(dv), Tq, Tk,
-                                                    sc, sc_log2);
+                                                    group, sc, sc_log2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   auto dqk = _attn_bwd_dq_kernel<T, D>;
   allow_smem(dqk, dq_smem<D>());
   const dim3 qgrid(static_cast<unsigned>(BH), static_cast<unsigned>((Tq + kBlockM - 1) / kBlockM));
   dqk<<<qgrid, kThreads, dq_smem<D>(), stream>>>(bits(q), bits(k), bits(v), bits(dout), lse.const_data_ptr<float>(),
-                                                 delta.const_data_ptr<float>(), bits_mut(dq), Tq, Tk, sc, sc_log2);
+                                                 delta.const_data_ptr<float>(), bits_mut(dq), Tq, Tk, group, sc,
+                                                 sc_log2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,9 +1,13 @@
 // Causal attention on the CPU: the C++ twin of attention_cuda.cu -- the same blocked FlashAttention-2
 // algorithm and the same saved log-sum-exp, in plain loops.  No (Tq, Tk) matrix ever exists.
 //
-// Shapes (contiguous, validated by ops.cpp): q (B, H, Tq, D); k, v (B, H, Tk, D) with Tq <= Tk.  The
-// mask is aligned bottom-right: with offset = Tk - Tq, query i sees key j iff j <= i + offset.  Every
-// query sees key 0, so no softmax row is ever empty.  s_ij = scale * q_i . k_j.
+// Shapes (contiguous, validated by ops.cpp): q (B, H, Tq, D); k, v (B, H_kv, Tk, D) with Tq <= Tk and
+// H = group * H_kv.  The mask is aligned bottom-right: with offset = Tk - Tq, query i sees key j iff
+// j <= i + offset.  Every query sees key 0, so no softmax row is ever empty.  s_ij = scale * q_i . k_j.
+//
+// Grouped-query attention: query head h reads k/v head h / group.  With bh = b * H + h the flat
+// (batch, query head) index, its k/v slice is bh / group = b * H_kv + h / group (H is a multiple of
+// group), so no k/v head is ever repeated in memory.
 //
 // Forward, one task per (batch*head, tile of kBlockQ queries): stream the key tiles 0 .. the last one
 // the tile's last query can see (causal block skipping) through an online softmax -- running row max
@@ -15,10 +19,12 @@
 //     delta_i = rowsum(dO_i * O_i)               (equals sum_j P_ij dP_ij)
 //     dP_ij = dO_i . v_j;   dS_ij = P_ij (dP_ij - delta_i)
 //     dV_j = sum_i P_ij dO_i;   dK_j = scale sum_i dS_ij q_i;   dQ_i = scale sum_j dS_ij k_j
-// dK/dV: one task per (batch*head, key tile), looping over the query tiles that can see it; dQ: one
-// task per (batch*head, query tile), looping over its visible key tiles (as attention_cuda.cu).  Each
-// output element is written by exactly one task, summing in a fixed order: deterministic, no atomics,
-// whatever the thread count.  Extra memory: the per-task tiles and delta (B*H*Tq), i.e. O(T).
+// dK/dV: one task per (batch*kv head, key tile), looping over the group's query heads and, for each,
+// over the query tiles that can see the tile (dK_j, dV_j sum over every query of every head of the
+// group); dQ: one task per (batch*head, query tile), looping over its visible key tiles (as
+// attention_cuda.cu).  Each output element is written by exactly one task, summing in a fixed order:
+// deterministic, no atomics, whatever the thread count.  Extra memory: the per-task tiles and delta
+// (B*H*Tq), i.e. O(T).
 //
 // Accumulation in float for float/half/bfloat16 (inputs converted once per tile, one rounding on store)
 // and in double for double; lse is float32 (float64 for double).  Any D >= 1.
@@ -41,7 +47,9 @@ constexpr int64_t kBlockK = 64;  // keys per tile
 
 struct Dims {
   int64_t BH, Tq, Tk, D;
+  int64_t group;  // query heads per k/v head: H / H_kv (1 without GQA)
   int64_t offset() const { return Tk - Tq; }
+  int64_t BHkv() const { return BH / group; }
 };
 
 // rows x D elements of a contiguous matrix, converted to the accumulation type
@@ -80,6 +88,7 @@ void fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_
     std::vector<acc_t> m(kBlockQ), l(kBlockQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / n_qtiles, i0 = (task % n_qtiles) * kBlockQ;
+      const int64_t bhk = bh / dm.group;  // the k/v slice this query head reads
       const int64_t mq = std::min(kBlockQ, dm.Tq - i0);
       load_tile(q + (bh * dm.Tq + i0) * D, mq, D, qt.data());
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -88,8 +97,8 @@ void fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_
       const int64_t last_key = i0 + mq - 1 + offset;  // the tile's last query sees keys 0..last_key (< Tk)
       for (int64_t j0 = 0; j0 <= last_key; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, dm.Tk - j0);
-        load_tile(k + (bh * dm.Tk + j0) * D, nk, D, kt.data());
-        load_tile(v + (bh * dm.Tk + j0) * D, nk, D, vt.data());
+        load_tile(k + (bhk * dm.Tk + j0) * D, nk, D, kt.data());
+        load_tile(v + (bhk * dm.Tk + j0) * D, nk, D, vt.data());
         for (int64_t r = 0; r < mq; ++r) {
           const int64_t nv = visible(i0 + r, j0, nk, offset);
           if (nv == 0) continue;  // this row sees none of the tile: it changes nothing
@@ -145,39 +154,41 @@ void bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, cons
     }
   });
 
-  // 2. dK, dV: one task per (batch*head, key tile)
+  // 2. dK, dV: one task per (batch*kv head, key tile), summing over the group's query heads
   const int64_t n_ktiles = (dm.Tk + kBlockK - 1) / kBlockK;
-  at::parallel_for(0, dm.BH * n_ktiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, dm.BHkv() * n_ktiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> kt(kBlockK * D), vt(kBlockK * D), qt(kBlockQ * D), dot_t(kBlockQ * D);
     std::vector<acc_t> dk_acc(kBlockK * D), dv_acc(kBlockK * D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / n_ktiles, j0 = (task % n_ktiles) * kBlockK;
+      const int64_t bhk = task / n_ktiles, j0 = (task % n_ktiles) * kBlockK;
       const int64_t nk = std::min(kBlockK, dm.Tk - j0);
-      load_tile(k + (bh * dm.Tk + j0) * D, nk, D, kt.data());
-      load_tile(v + (bh * dm.Tk + j0) * D, nk, D, vt.data());
+      load_tile(k + (bhk * dm.Tk + j0) * D, nk, D, kt.data());
+      load_tile(v + (bhk * dm.Tk + j0) * D, nk, D, vt.data());
       std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
       std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
       // queries before j0 - offset see none of this tile (causal block skipping)
       const int64_t first_q = std::max<int64_t>(0, j0 - offset);
-      for (int64_t i0 = first_q / kBlockQ * kBlockQ; i0 < dm.Tq; i0 += kBlockQ) {
-        const int64_t mq = std::min(kBlockQ, dm.Tq - i0);
-        load_tile(q + (bh * dm.Tq + i0) * D, mq, D, qt.data());
-        load_tile(dout + (bh * dm.Tq + i0) * D, mq, D, dot_t.data());
-        for (int64_t r = 0; r < mq; ++r) {
-          const int64_t i = i0 + r, nv = visible(i, j0, nk, offset);
-          const acc_t lse_i = lse[bh * dm.Tq + i], delta_i = delta[bh * dm.Tq + i];
-          const acc_t* qr = qt.data() + r * D;
-          const acc_t* dor = dot_t.data() + r * D;
-          for (int64_t c = 0; c < nv; ++c) {
-            const acc_t p = std::exp(scale * dot(qr, kt.data() + c * D, D) - lse_i);
-            const acc_t ds = p * (dot(dor, vt.data() + c * D, D) - delta_i);
-            axpy(p, dor, dv_acc.data() + c * D, D);
-            axpy(ds, qr, dk_acc.data() + c * D, D);
+      for (int64_t bh = bhk * dm.group; bh < (bhk + 1) * dm.group; ++bh) {  // the group's query heads
+        for (int64_t i0 = first_q / kBlockQ * kBlockQ; i0 < dm.Tq; i0 += kBlockQ) {
+          const int64_t mq = std::min(kBlockQ, dm.Tq - i0);
+          load_tile(q + (bh * dm.Tq + i0) * D, mq, D, qt.data());
+          load_tile(dout + (bh * dm.Tq + i0) * D, mq, D, dot_t.data());
+          for (int64_t r = 0; r < mq; ++r) {
+            const int64_t i = i0 + r, nv = visible(i, j0, nk, offset);
+            const acc_t lse_i = lse[bh * dm.Tq + i], delta_i = delta[bh * dm.Tq + i];
+            const acc_t* qr = qt.data() + r * D;
+            const acc_t* dor = dot_t.data() + r * D;
+            for (int64_t c = 0; c < nv; ++c) {
+              const acc_t p = std::exp(scale * dot(qr, kt.data() + c * D, D) - lse_i);
+              const acc_t ds = p * (dot(dor, vt.data() + c * D, D) - delta_i);
+              axpy(p, dor, dv_acc.data() + c * D, D);
+              axpy(ds, qr, dk_acc.data() + c * D, D);
+            }
           }
         }
       }
-      scalar_t* dkr = dk + (bh * dm.Tk + j0) * D;
-      scalar_t* dvr = dv + (bh * dm.Tk + j0) * D;
+      scalar_t* dkr = dk + (bhk * dm.Tk + j0) * D;
+      scalar_t* dvr = dv + (bhk * dm.Tk + j0) * D;
       for (int64_t e = 0; e < nk * D; ++e) {
         dkr[e] = static_cast<scalar_t>(scale * dk_acc[e]);
         dvr[e] = static_cast<scalar_t>(dv_acc[e]);
@@ -191,6 +202,7 @@ void bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, cons
     std::vector<acc_t> qt(kBlockQ * D), dot_t(kBlockQ * D), kt(kBlockK * D), vt(kBlockK * D), dq_acc(kBlockQ * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / n_qtiles, i0 = (task % n_qtiles) * kBlockQ;
+      const int64_t bhk = bh / dm.group;  // the k/v slice this query head reads
       const int64_t mq = std::min(kBlockQ, dm.Tq - i0);
       load_tile(q + (bh * dm.Tq + i0) * D, mq, D, qt.data());
       load_tile(dout + (bh * dm.Tq + i0) * D, mq, D, dot_t.data());
@@ -198,8 +210,8 @@ void bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, cons
       const int64_t last_key = i0 + mq - 1 + offset;
       for (int64_t j0 = 0; j0 <= last_key; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, dm.Tk - j0);
-        load_tile(k + (bh * dm.Tk + j0) * D, nk, D, kt.data());
-        load_tile(v + (bh * dm.Tk + j0) * D, nk, D, vt.data());
+        load_tile(k + (bhk * dm.Tk + j0) * D, nk, D, kt.data());
+        load_tile(v + (bhk * dm.Tk + j0) * D, nk, D, vt.data());
         for (int64_t r = 0; r < mq; ++r) {
           const int64_t i = i0 + r, nv = visible(i, j0, nk, offset);
           const acc_t lse_i = lse[bh * dm.Tq + i], delta_i = delta[bh * dm.Tq + i];
@@ -219,7 +231,7 @@ void bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, cons
 }
 
 Dims dims_of(const at::Tensor& q, const at::Tensor& k) {
-  return {q.size(0) * q.size(1), q.size(2), k.size(2), q.size(3)};
+  return {q.size(0) * q.size(1), q.size(2), k.size(2), q.size(3), q.size(1) / k.size(1)};
 }
 
 }  // namespace

@@ -1,8 +1,10 @@
 // Causal FlashAttention-2 on the GPU: fp16/bf16 tensor cores (mma.sync m16n8k16, fp32 accumulation).
 //
-// Same math as attention_cpu.cpp (see there for the derivation): q (B, H, Tq, D), k/v (B, H, Tk, D),
+// Same math as attention_cpu.cpp (see there for the derivation): q (B, H, Tq, D), k/v (B, H_kv, Tk, D),
 // contiguous, Tq <= Tk, bottom-right mask (query i sees key j iff j <= i + Tk - Tq), lse saved in fp32.
 // Head dims D in {64, 128} (template instantiations); any Tq, Tk (tails are zero-filled and masked).
+// Grouped-query attention: group = H / H_kv query heads share a k/v head; the block of the flat
+// (batch, query head) index bh reads k/v slice bh / group (= b * H_kv + h / group), never a copy.
 //
 // Files: this one holds the forward kernel, its launcher and the registration in ops.cpp's table;
 // attention_bwd_cuda.cu the backward kernels and launcher; attention_cuda.cuh the shared constants,
@@ -15,9 +17,10 @@
 //   row), repacks P as A fragments (the C layout of two n8 tiles is the A layout of one k16 chunk) and
 //   accumulates O += P V.  Writes O and lse = ln2 * (m + log2 l).
 // * _attn_bwd_delta_kernel: delta_i = rowsum(dO_i * O_i) in fp32, one warp per row.
-// * _attn_bwd_dkdv_kernel, grid (B*H, Tk/64): each warp owns 16 keys; K, V stay in smem; for each step
-//   of BM queries that can see the tile: S^T = K Q^T, P^T = exp2(S^T*scale*log2e - lse*log2e),
-//   dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q (times scale on store).
+// * _attn_bwd_dkdv_kernel, grid (B*H_kv, Tk/64): each warp owns 16 keys; K, V stay in smem; for each
+//   of the group's query heads, for each step of BM queries that can see the tile: S^T = K Q^T,
+//   P^T = exp2(S^T*scale*log2e - lse*log2e), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
+//   dK += dS^T Q (times scale on store): the group's sum stays in the same registers, no atomics.
 // * _attn_bwd_dq_kernel, grid (B*H, Tq/64): each warp owns 16 queries; per visible key tile: S, P, dP,
 //   dS = P (dP - delta), dQ += dS K (times scale on store).  No atomics: dQ, dK, dV are each written by
 //   exactly one block, so the backward is deterministic (at the price of computing Q K^T twice).
@@ -47,7 +50,8 @@ using namespace attn;
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, fwd_min_blocks<D>())
     _attn_fwd_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k, const uint16_t* __restrict__ v,
-                     uint16_t* __restrict__ o, float* __restrict__ lse, int Tq, int Tk, float scale_log2) {
+                     uint16_t* __restrict__ o, float* __restrict__ lse, int Tq, int Tk, int group,
+                     float scale_log2) {
 #if LLM_ATTN_SM80
   constexpr int LD = D + kPad;
   extern __shared__ __align__(16) uint16_t smem[];
@@ -58,8 +62,9 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks<D>())
   const int i0 = (gridDim.y - 1 - blockIdx.y) * kBlockM;  // the longest (last) query tiles start first
   const int offset = Tk - Tq;
   q += bh * Tq * D;
-  k += bh * Tk * D;
-  v += bh * Tk * D;
+  const int64_t bhk = blockIdx.x / static_cast<unsigned>(group);  // the k/v head it reads (GQA); 32-bit division
+  k += bhk * Tk * D;
+  v += bhk * Tk * D;
   o += bh * Tq * D;
   lse += bh * Tq;
 
@@ -202,7 +207,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   allow_smem(kernel, fwd_smem<D>());
   kernel<<<grid, kThreads, fwd_smem<D>(), c10::cuda::getCurrentCUDAStream()>>>(
       bits(q), bits(k), bits(v), bits_mut(out), lse.mutable_data_ptr<float>(), Tq, Tk,
-      static_cast<float>(scale) * kLog2e);
+      static_cast<int>(q.size(1) / k.size(1)), static_cast<float>(scale) * kLog2e);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -41,7 +41,8 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& dloss, const at::Tensor& logi
 // ---- end add_layer_norm and cross-entropy --------------------------------------------------------
 
 // ---- causal attention (csrc/attention_cpu.cpp, csrc/attention_cuda.cu + attention_bwd_cuda.cu) ----
-// q (B, H, Tq, D), k, v (B, H, Tk, D), contiguous, Tq <= Tk, bottom-right causal mask.
+// q (B, H, Tq, D), k, v (B, H_kv, Tk, D) with H % H_kv == 0 (query head h reads k/v head h / (H / H_kv)),
+// contiguous, Tq <= Tk, bottom-right causal mask.
 using AttentionFwdOut = std::tuple<at::Tensor, at::Tensor>;              // out (B, H, Tq, D), lse (B, H, Tq)
 using AttentionBwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // dq, dk, dv
 AttentionFwdOut attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);

@@ -262,9 +262,11 @@ TORCH_LIBRARY_IMPL(llm_kernels, CUDA, m) {
 
 // ===================================================================== causal attention (attention_*)
 // attention_fwd(q, k, v, scale) -> (out, lse) and attention_bwd(dout, q, k, v, out, lse, scale) ->
-// (dq, dk, dv): q (B, H, Tq, D), k/v (B, H, Tk, D), 1 <= Tq <= Tk, one float dtype and device; the causal
+// (dq, dk, dv): q (B, H, Tq, D), k/v (B, H_kv, Tk, D) with H a multiple of H_kv (grouped-query attention:
+// query head h reads k/v head h / (H / H_kv)), 1 <= Tq <= Tk, one float dtype and device; the causal
 // mask is aligned bottom-right (query i sees keys j <= i + Tk - Tq).  out, dq (B, H, Tq, D) in q's dtype;
-// dk, dv (B, H, Tk, D); lse (B, H, Tq) = log-sum-exp of each query row's scaled, masked scores, in float32
+// dk, dv (B, H_kv, Tk, D), each the sum over its group's query heads; lse (B, H, Tq) = log-sum-exp of
+// each query row's scaled, masked scores, in float32
 // (float64 for float64 q).  CPU: any D >= 1, all four float dtypes.  CUDA: float16/bfloat16 and
 // D in {64, 128} only (tensor-core kernels; the Python backend sends float64 to the reference).
 namespace {
@@ -287,9 +289,12 @@ void check_attention(const char* op, const at::Tensor& q, const at::Tensor& k, c
   check_like(op, "v", v, q);
   TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got k ", describe(k), " and v ",
               describe(v));
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), op,
-              ": q and k/v must agree in batch, heads and head dim (B, H, _, D), got q ", describe(q), " and k ",
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), op,
+              ": q and k/v must agree in batch and head dim (B, _, _, D), got q ", describe(q), " and k ",
               describe(k));
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, op, ": q's ", q.size(1), " heads must be a multiple of k/v's ", k.size(1),
+              " (grouped-query attention shares each k/v head among H / H_kv query heads), got q ", describe(q),
+              " and k ", describe(k));
   TORCH_CHECK(q.size(2) <= k.size(2), op, ": q has more positions than k/v (Tq=", q.size(2), " > Tk=", k.size(2),
               "); the queries are the last Tq of the Tk positions; got q ", describe(q), " and k ", describe(k));
   TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be a finite positive number, got ", scale);

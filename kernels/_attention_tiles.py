@@ -11,7 +11,9 @@ BLOCK_D, and the autotuner's ``early_config_prune`` hands it only the list for t
 * ``ieee``: fp32 inputs with IEEE fp32 dots, which run on the FMA units: only small tiles compile in
   reasonable time without spilling;
 * decoding (Tq <= 16 queries, the forward only) takes 16-row query tiles: a 128-row tile would compute
-  127 masked rows for each real one, and the first decoding step compiles only these few configs.
+  127 masked rows for each real one, and the first decoding step compiles only these few configs;
+* grouped-query attention's dK/dV (each program loops over its k/v head's group of query heads) takes
+  the dK/dV list less the few configs in ``GQA_DKDV_SKIP``.
 
 The lists were chosen from what ``python -m kernels.aot --all-configs`` reports (shared memory,
 registers, spills for every candidate on sm_80 and sm_90).  Every config listed compiles for both
@@ -87,6 +89,14 @@ TILES["dq"]["ieee"] = {
     256: [(16, 32, 8, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
 }
 
+# The dK/dV configs a grouped-query launch (GROUP > 1 query heads per k/v head: the kernel's GQA loop over
+# the group, a few more live registers) does not use: under triton 3.6 these spill there (8-24 B; under
+# 3.8 they compile cleanly, and the multi-head launch keeps them).  kind -> BLOCK_D -> configs.
+GQA_DKDV_SKIP: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+    "tf32": {64: [(32, 128, 8, 2)], 128: [(16, 32, 4, 2)]},
+    "ieee": {256: [(16, 16, 4, 1)]},
+}
+
 # the forward while decoding (Tq <= DECODE_MAX_TQ): 16-row query tiles
 DECODE_TILES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
     "16bit": {**dict.fromkeys((16, 32), [(16, 128, 4, 2), (16, 64, 4, 2), (16, 32, 4, 1)]),
@@ -134,6 +144,9 @@ def pruner(kernel: str, tq_arg: str, jit_fn=None):
             wanted = DECODE_TILES[k][kwargs["BLOCK_D"]]
         else:
             wanted = TILES[kernel][k][kwargs["BLOCK_D"]]
+        if kernel == "dkdv" and kwargs.get("GQA"):
+            skip = GQA_DKDV_SKIP.get(k, {}).get(kwargs["BLOCK_D"], [])
+            wanted = [w for w in wanted if w not in skip]
         by_key = {_key(c): c for c in all_configs}
         keep = [by_key[w] for w in wanted]
         if jit_fn is not None and nargs["Q"].is_cuda:

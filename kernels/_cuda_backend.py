@@ -14,7 +14,9 @@ kernels, csrc/ops.cpp).  This module adds what torch needs on the Python side:
 * ``cross_entropy`` (ops ``cross_entropy_fwd`` / ``cross_entropy_bwd``: logits (..., V) -> (N, V));
 * ``linear_cross_entropy``: the shared chunk loop of kernels/_chunked_linear_ce.py with the CE ops on
   each (chunk_rows, V) logits chunk, so the (N, V) logits never exist;
-* ``causal_attention`` (ops ``attention_fwd`` / ``attention_bwd``; section "causal attention" at the end).
+* ``causal_attention`` (ops ``attention_fwd`` / ``attention_bwd``; section "causal attention" at the end);
+* ``rope`` and ``swiglu`` (ops ``rope_fwd`` / ``rope_bwd``, ``swiglu_fwd`` / ``swiglu_bwd``): their own
+  module, kernels/_cuda_rope_swiglu.py, imported at the end.
 
 On a GPU every op first checks that the library holds code for the device's arch and, for attention,
 that the device has compute capability 8.0+ (``gpu_unavailable_reason``): BackendUnavailableError with
@@ -307,7 +309,9 @@ def linear_cross_entropy(
 # Ops attention_fwd(q, k, v, scale) -> (out, lse) and attention_bwd(dout, q, k, v, out, lse, scale) ->
 # (dq, dk, dv) (csrc/ops.cpp, csrc/attention_cpu.cpp, csrc/attention_cuda.cu, attention_bwd_cuda.cu).  On the CPU the C++
 # kernels take every float dtype and any head dim; on CUDA the tensor-core kernels take fp16/bf16 with
-# D in CUDA_ATTENTION_HEAD_DIMS.
+# D in CUDA_ATTENTION_HEAD_DIMS.  k, v may have fewer heads than q (grouped-query attention, H % H_kv == 0):
+# the kernels read k/v head h // (H / H_kv) in place, and dk, dv come back in k/v's shape, summed over
+# each group.
 
 
 CUDA_ATTENTION_HEAD_DIMS = (64, 128)
@@ -316,6 +320,9 @@ CUDA_ATTENTION_HEAD_DIMS = (64, 128)
 @torch.library.register_fake("llm_kernels::attention_fwd")
 def _attention_fwd_fake(q, k, v, scale):
     torch._check(q.dim() == 4, lambda: f"attention_fwd: q must be 4-D (B, H, Tq, D), got shape {tuple(q.shape)}")
+    torch._check(k.dim() == 4 and q.shape[1] % k.shape[1] == 0,
+                 lambda: f"attention_fwd: q's heads must be a multiple of k/v's, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
     B, H, Tq, _D = q.shape
     # out (B, H, Tq, D) contiguous in q's dtype; lse (B, H, Tq) in float32 (float64 for float64 q)
     return q.new_empty(q.shape), q.new_empty((B, H, Tq), dtype=_stats_dtype(q.dtype))
@@ -324,7 +331,7 @@ def _attention_fwd_fake(q, k, v, scale):
 @torch.library.register_fake("llm_kernels::attention_bwd")
 def _attention_bwd_fake(dout, q, k, v, out, lse, scale):
     torch._check(q.dim() == 4 and k.dim() == 4, lambda: "attention_bwd: q, k and v must be 4-D (B, H, T, D)")
-    # dq like q (B, H, Tq, D); dk, dv like k, v (B, H, Tk, D); all contiguous
+    # dq like q (B, H, Tq, D); dk, dv like k, v (B, H_kv, Tk, D), summed over each group; all contiguous
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -353,9 +360,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
     q, k, v are made contiguous here, deliberately: the kernels read (B, H, T, D) rows, and the model's
     q/k/v are strided views of one fused QKV projection (one copy each, the same one the reference's
-    matmuls would make).  On CUDA: float64 runs the reference (as layer_norm does); a GPU below compute
-    capability 8.0, float32, or a head dim the kernels are not built for, raises BackendUnavailableError
-    naming what is supported.
+    matmuls would make).  k, v with H_kv < H heads (GQA) are copied at their own size, never repeated.
+    On CUDA: float64 runs the reference (as layer_norm does); a GPU below compute capability 8.0,
+    float32, or a head dim the kernels are not built for, raises BackendUnavailableError naming what is
+    supported.
     """
     D = q.shape[-1]
     sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -375,3 +383,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
             )
     out, _lse = _ops.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), sm_scale)
     return out  # (B, H, Tq, D)
+
+
+from ._cuda_rope_swiglu import rope, swiglu  # noqa: E402,F401  (RoPE and SwiGLU: their own module)
+from ._cuda_rmsnorm import add_rms_norm, rms_norm  # noqa: E402,F401  (RMSNorm: its own module)

@@ -9,8 +9,8 @@ every configuration the autotuner may pick fits the chip, does not spill, and us
 
 How a case is checked, so that it is exactly what a real launch would compile:
 
-1. **Capture.**  The registered ops of ``kernels/flash_attention.py``, ``fused_layernorm.py`` and
-   ``fused_cross_entropy.py`` run forward and backward (through autograd, as in training) on ``meta``
+1. **Capture.**  The registered ops of ``kernels/flash_attention.py``, ``fused_layernorm.py``,
+   ``fused_cross_entropy.py`` and ``fused_rmsnorm.py`` (and ``fused_rope.py``, ``fused_swiglu.py``) run forward and backward (through autograd, as in training) on ``meta``
    tensors (shapes and strides, no memory), with every kernel object replaced by a recorder: each
    launch's grid, arguments and keyword arguments are kept.
 2. **Prune.**  For an autotuned kernel, the autotuner's own ``prune_configs`` (our
@@ -61,6 +61,8 @@ GRID_LIMIT = (2**31 - 1, 65_535, 65_535)
 WGMMA_MIN_M = 64
 
 KERNEL_MODULES = ("kernels.flash_attention", "kernels.fused_layernorm", "kernels.fused_cross_entropy")
+KERNEL_MODULES += ("kernels.fused_rmsnorm",)
+KERNEL_MODULES += ("kernels.fused_rope", "kernels.fused_swiglu")
 
 
 @dataclasses.dataclass
@@ -101,10 +103,13 @@ def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.requires_grad_() for t in tensors]
 
 
-def _attention(B: int, H: int, Tq: int, Tk: int, D: int, dtype: torch.dtype, backward: bool) -> None:
+def _attention(B: int, H: int, Tq: int, Tk: int, D: int, dtype: torch.dtype, backward: bool,
+               H_kv: int | None = None) -> None:
     from . import flash_attention as fa
 
-    q, k, v = _leaves(_meta(B, H, Tq, D, dtype=dtype), _meta(B, H, Tk, D, dtype=dtype), _meta(B, H, Tk, D, dtype=dtype))
+    H_kv = H if H_kv is None else H_kv  # fewer k/v heads than query heads: grouped-query attention
+    q, k, v = _leaves(_meta(B, H, Tq, D, dtype=dtype), _meta(B, H_kv, Tk, D, dtype=dtype),
+                      _meta(B, H_kv, Tk, D, dtype=dtype))
     with torch.set_grad_enabled(backward):
         o = fa.causal_attention(q, k, v)  # the registered op: what kernels.causal_attention runs
         if backward:
@@ -131,11 +136,52 @@ def _cross_entropy(N: int, V: int, C: int, dtype: torch.dtype) -> None:
     fce.linear_cross_entropy(hidden, weight, targets).backward()  # the kernel in place on each chunk
 
 
+def _rms_norm(M: int, C: int, dtype: torch.dtype, residual: bool, w_dtype: torch.dtype | None = None) -> None:
+    from . import fused_rmsnorm as fr
+
+    x, r, w = _leaves(_meta(M, C, dtype=dtype), _meta(M, C, dtype=dtype), _meta(C, dtype=w_dtype or dtype))
+    outs = fr.add_rms_norm(x, r, w) if residual else (fr.rms_norm(x, w),)
+    torch.autograd.backward(outs, [torch.empty_like(t) for t in outs])
+
+
+def _rope(B: int, H: int, T: int, D: int, dtype: torch.dtype, backward: bool) -> None:
+    from . import fused_rope as fro
+
+    (qkv,) = _leaves(_meta(B, T, 3, H, D, dtype=dtype))
+    x = qkv[:, :, 0].transpose(1, 2)  # (B, H, T, D): q, a view of the fused QKV projection, as the model passes it
+    cos, sin = _meta(T, D // 2, dtype=torch.float32), _meta(T, D // 2, dtype=torch.float32)
+    with torch.set_grad_enabled(backward):
+        y = fro.rope(x, cos, sin)
+        if backward:
+            y.backward(torch.empty_like(y))
+
+
+def _swiglu(M: int, I: int, dtype: torch.dtype, fused: bool) -> None:  # noqa: E741
+    from . import fused_swiglu as fsw
+
+    if fused:  # gate and up, the two halves of one (M, 2I) projection (row stride 2I), as the model passes them
+        (h,) = _leaves(_meta(M, 2 * I, dtype=dtype))
+        gate, up = h.chunk(2, dim=-1)
+    else:  # contiguous: one flat row
+        gate, up = _leaves(_meta(M, I, dtype=dtype), _meta(M, I, dtype=dtype))
+    y = fsw.swiglu(gate, up)
+    y.backward(torch.empty_like(y))
+
+
+# Grouped-query attention cases, (H, H_kv): groups of 2, 4 and 8 query heads per k/v head (8 with one
+# k/v head: multi-query).  The forward and dQ kernels do not specialize on the group, so these compile
+# to the MHA cases' kernels; dK/dV compiles its GQA variant (constexpr GQA=True), one for all three.
+GQA_HEADS = ((4, 2), (8, 2), (8, 1))
+
+
 def default_cases(dtypes=("fp16", "bf16", "fp32", "fp32-tf32"), head_dims=(16, 32, 64, 80, 128, 192, 256),
                   widths=(768, 4096, 12288, 16384), vocab=50257) -> list[Case]:
     """The shapes CI proves: attention at T = 1024 (forward + backward) and Tq = 1 decoding for every
-    head-dim bucket the API runs in Triton (D <= 256, padded to 16/32/64/128/256), a huge B*H decode;
-    LayerNorm and add-LayerNorm at widths ``widths``; cross-entropy and linear-CE at the GPT-2 vocab.
+    head-dim bucket the API runs in Triton (D <= 256, padded to 16/32/64/128/256), the same with
+    grouped-query k/v (``GQA_HEADS``: groups 2, 4, 8), a huge B*H decode;
+    LayerNorm and add-LayerNorm, RMSNorm and add-RMSNorm (also with fp32 weights) at widths ``widths``;
+    cross-entropy and linear-CE at the GPT-2 vocab; RoPE of a fused-QKV view at ``ROPE_HEAD_DIMS`` (and
+    Tq = 1 decoding), SwiGLU on the fused projection's halves at ``SWIGLU_WIDTHS`` and flat.
     (float64, which runs in Triton only in LayerNorm up to 4096 wide, is left out of the defaults: its
     division is a ptxas subroutine whose stack frame shows as a 12-byte spill on sm_80 under triton 3.6;
     ``--dtypes fp64`` checks it.)"""
@@ -149,6 +195,14 @@ def default_cases(dtypes=("fp16", "bf16", "fp32", "fp32-tf32"), head_dims=(16, 3
                               lambda D=D, dt=dt: _attention(2, 2, 1024, 1024, D, dt, True), patches))
             cases.append(Case("attention", f"decode Tq=1 Tk=1024 D={D}", dn,
                               lambda D=D, dt=dt: _attention(2, 2, 1, 1024, D, dt, False), patches))
+            for H, H_kv in GQA_HEADS:
+                gqa = f"H={H} H_kv={H_kv}"
+                cases.append(Case("attention", f"train {gqa} T=1024 D={D}", dn,
+                                  lambda D=D, dt=dt, H=H, H_kv=H_kv: _attention(2, H, 1024, 1024, D, dt, True, H_kv),
+                                  patches))
+                cases.append(Case("attention", f"decode {gqa} Tq=1 Tk=1024 D={D}", dn,
+                                  lambda D=D, dt=dt, H=H, H_kv=H_kv: _attention(2, H, 1, 1024, D, dt, False, H_kv),
+                                  patches))
         if dn == "fp32-tf32":
             continue  # tf32 changes only the attention dots
         cases.append(Case("attention", "decode B*H=70000 Tq=1 Tk=64 D=64", dn,
@@ -157,8 +211,25 @@ def default_cases(dtypes=("fp16", "bf16", "fp32", "fp32-tf32"), head_dims=(16, 3
             for res in (False, True):
                 name = f"{'add_layer_norm' if res else 'layer_norm'} C={C}"
                 cases.append(Case("layer_norm", name, dn, lambda C=C, res=res, dt=dt: _layer_norm(64, C, dt, res)))
+        for C in widths:  # RMSNorm at the same widths, plus fp32 weights with 16-bit activations
+            for res in (False, True):
+                name = f"{'add_rms_norm' if res else 'rms_norm'} C={C}"
+                cases.append(Case("rms_norm", name, dn, lambda C=C, res=res, dt=dt: _rms_norm(64, C, dt, res)))
+                if dt != torch.float32:
+                    cases.append(Case("rms_norm", f"{name} weight fp32", dn,
+                                      lambda C=C, res=res, dt=dt: _rms_norm(64, C, dt, res, torch.float32)))
         cases.append(Case("cross_entropy", f"N=16 V={vocab}", dn, lambda dt=dt: _cross_entropy(16, vocab, 64, dt)))
+        for D in ROPE_HEAD_DIMS:  # RoPE forward + backward of q viewed in the fused QKV projection, and decoding
+            cases.append(Case("rope", f"train T=1024 D={D}", dn, lambda D=D, dt=dt: _rope(2, 4, 1024, D, dt, True)))
+        cases.append(Case("rope", "decode B*H=256 T=1 D=128", dn, lambda dt=dt: _rope(8, 32, 1, 128, dt, False)))
+        for I in SWIGLU_WIDTHS:  # noqa: E741  (SwiGLU on the halves of the fused projection, and flat)
+            cases.append(Case("swiglu", f"fused M=1024 I={I}", dn, lambda I=I, dt=dt: _swiglu(1024, I, dt, True)))
+        cases.append(Case("swiglu", "flat M=1024 I=3072", dn, lambda dt=dt: _swiglu(1024, 3072, dt, False)))
     return cases
+
+
+ROPE_HEAD_DIMS = (64, 80, 128)  # GPT-2 small, an unpadded 80 (D/2 = 40), Llama / Qwen3
+SWIGLU_WIDTHS = (1000, 2816, 3072)  # a ragged width, Llama-style 2816 = 16 * 176, a round one
 
 
 # -------------------------------------------------------------------------------------------- capture
@@ -320,7 +391,9 @@ def plan(cases: list[Case], archs=(90, 80), all_configs: bool = False) -> list[J
 
 def _specialization_key(fn, launch: Launch, meta: dict):
     """What decides the compiled code, as the binder sees it: a constexpr's value, a tensor's dtype, an
-    integer's equality to 1 and divisibility by 16 (pointers here are all aligned); plus meta-params."""
+    integer's equality to 1 and divisibility by 16 (pointers here are all aligned; neither for an
+    integer declared ``do_not_specialize``, no divisibility for ``do_not_specialize_on_alignment``);
+    plus meta-params."""
     parts = []
     for param, a in zip(fn.params, launch.args):
         if param.is_constexpr:
@@ -330,7 +403,9 @@ def _specialization_key(fn, launch: Launch, meta: dict):
         elif isinstance(a, bool) or not isinstance(a, int):
             parts.append(("v", a if not isinstance(a, float) else "f"))
         else:
-            parts.append(("i", a == 1, a % 16 == 0))
+            specialize = not getattr(param, "do_not_specialize", False)
+            align = specialize and not getattr(param, "do_not_specialize_on_alignment", False)
+            parts.append(("i", specialize and a == 1, align and a % 16 == 0))
     return tuple(parts), tuple(sorted({**launch.kwargs, **meta}.items(), key=lambda kv: kv[0]))
 
 
@@ -540,8 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities, e.g. 80 90")
     p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16", "fp32", "fp32-tf32"], choices=list(_DTYPES))
     p.add_argument("--head-dims", type=int, nargs="+", default=[16, 32, 64, 80, 128, 192, 256])
-    p.add_argument("--widths", type=int, nargs="+", default=[768, 4096, 12288, 16384], help="LayerNorm widths")
-    p.add_argument("--op", nargs="+", default=None, help="only these ops (attention, layer_norm, cross_entropy)")
+    p.add_argument("--widths", type=int, nargs="+", default=[768, 4096, 12288, 16384], help="LayerNorm and RMSNorm widths")
+    p.add_argument("--op", nargs="+", default=None, help="only these ops (attention, layer_norm, rms_norm, cross_entropy, rope, swiglu)")
     p.add_argument("--all-configs", action="store_true", help="compile every autotune config, not only the kept ones")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     p.add_argument("--json", help="write every record here")

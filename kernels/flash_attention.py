@@ -1,8 +1,17 @@
 """Causal FlashAttention-2 in Triton: forward and backward, registered as the "triton" causal_attention.
 
-Algorithm (Dao, "FlashAttention-2", 2023).  Shapes: q (B, H, Tq, D), k/v (B, H, Tk, D), Tq <= Tk; the
+Algorithm (Dao, "FlashAttention-2", 2023).  Shapes: q (B, H, Tq, D), k/v (B, H_kv, Tk, D), Tq <= Tk; the
 causal mask is aligned bottom-right, so query i sees keys j <= i + OFFSET with OFFSET = Tk - Tq (the
 same kernel serves training, Tq == Tk, and KV-cache decoding, Tq < Tk).
+
+Grouped-query attention (GQA; H_kv = 1 is multi-query): H = GROUP * H_kv, and query head h reads k/v
+head h // GROUP (Hugging Face's ``repeat_kv`` layout), by pointer arithmetic: k and v are never
+repeated in memory.  The forward and dQ programs of head h simply read kv head h // GROUP (GROUP is
+not specialized there: MHA and every group share one compiled kernel).  Each dK/dV program owns one
+key tile of one *kv* head and walks the query tiles of the GROUP query heads that read it, head by
+head, accumulating in the same registers: dK_j = sum over the group's heads of sum_i dS_ij q_i, so the
+sum needs neither atomics nor a (B, H, Tk, D) buffer to reduce afterwards (the constexpr GQA selects
+that loop; without it the kernel is the multi-head one as it was).
 
 * Forward, one program per (batch*head, BLOCK_M queries): keep the query tile in registers and stream
   the key/value tiles through it with the online softmax: running row max m, running sum l, unnormalized
@@ -14,7 +23,8 @@ same kernel serves training, Tq == Tk, and KV-cache decoding, Tq < Tk).
   the diagonal (or the ragged tail Tk) apply it.
 * Backward recomputes P = exp(q k^T * scale - lse) tile by tile; no (Tq, Tk) matrix exists, ever:
   1. preprocess: delta = rowsum(dO * O)  (B, H, Tq) fp32 (equals rowsum(P * dP));
-  2. dK/dV, one program per key tile, iterating over the query tiles that can see it:
+  2. dK/dV, one program per (kv head, key tile), iterating over the group's query heads and, for
+     each, over the query tiles that can see the tile:
      dV += P^T dO, dP = dO V^T, dS = P * (dP - delta), dK += dS^T Q * scale;
   3. dQ, one program per query tile, iterating over its visible key tiles: dQ += dS K * scale.
   Each output is written by exactly one program: no atomics, deterministic, autotune-safe.
@@ -34,11 +44,14 @@ B*H*T*D may exceed 2^31; offsets inside one (batch, head) slice (T * stride_t) m
 Grid: batch*head on axis 0 (CUDA allows 2^31 - 1 blocks there, so large-batch decoding launches; axes 1
 and 2 stop at 65,535) and the tiles of T on axis 1 (so T <= 65,535 * BLOCK, over a million tokens).
 Query tiles are started last-first: under the causal mask the last tiles do the most work.
-Limits: float64 and D > 256 fall back to the reference implementation; no dropout, no GQA.
+Limits: float64 and D > 256 fall back to the reference implementation; no dropout.  With GQA the
+dK/dV grid has B*H_kv*Tk/BLOCK_N programs, GROUP times fewer (each doing GROUP times the work): at
+small B*H_kv*Tk (MQA, one sequence of a few thousand tokens) that launch may not fill the GPU.
 On a GPU the tiles are autotuned over the per-head-dim lists of kernels/_attention_tiles.py (each
 proven in CI to compile for sm_80/sm_90 without spills: tests/test_triton_compile.py), keyed on the
-power-of-two bucket of the tiled length clamped to [16, 16384], the head dim and the dtype; under
-TRITON_INTERPRET (CPU) one small fixed configuration is used so the tests stay fast.
+power-of-two bucket of the tiled length clamped to [16, 16384], the head dim and the dtype (dK/dV also
+on GROUP, since its programs do GROUP times the work); under TRITON_INTERPRET (CPU) one small fixed
+configuration is used so the tests stay fast.
 """
 from __future__ import annotations
 
@@ -104,19 +117,22 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start_n, o
     return acc, l_i, m_new
 
 
+# GROUP (query heads per kv head) is not specialized in the forward and dQ kernels: it only picks the kv
+# head's base pointer, so MHA (GROUP = 1) and every GQA group run the same compiled kernel.
 @_tuned("fwd", ["TUNE_TQ", "D"])
-@triton.jit
+@triton.jit(do_not_specialize=["GROUP"])
 def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-                H, TQ, TK, D: tl.constexpr, TUNE_TQ,
+                H, GROUP, TQ, TK, D: tl.constexpr, TUNE_TQ,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     off_bh = tl.program_id(0)
     start_m = _heavy_first(BLOCK_M)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
+    off_hk = (off_bh % H // GROUP).to(tl.int64)  # the kv head this query head reads
     q_base = Q + off_b * sqb + off_h * sqh
-    k_base = K + off_b * skb + off_h * skh
-    v_base = V + off_b * svb + off_h * svh
+    k_base = K + off_b * skb + off_hk * skh
+    v_base = V + off_b * svb + off_hk * svh
     OFFSET = TK - TQ
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -180,27 +196,28 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, st
     return dk, dv
 
 
-@_tuned("dkdv", ["TUNE_TK", "D"])
-@triton.jit
+# Grid (B*H_kv, key tiles).  GQA (a constexpr: GROUP > 1) picks the loops: without it (MHA) they are
+# exactly the single-head kernel's, whose tiles the AOT check proved; with it every group compiles to one
+# kernel (GROUP's divisibility by 16 is not specialized: one more variant would buy nothing).
+@_tuned("dkdv", ["TUNE_TK", "D", "GROUP"])
+@triton.jit(do_not_specialize_on_alignment=["GROUP"])
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, qk_scale,
                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
                      sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
-                     H, TQ, TK, D: tl.constexpr, TUNE_TK,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    off_bh = tl.program_id(0)
+                     H, GROUP, TQ, TK, D: tl.constexpr, TUNE_TK,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                     GQA: tl.constexpr):
+    off_bhk = tl.program_id(0)  # (batch, kv head)
     start_n = tl.program_id(1) * BLOCK_N  # the first key tiles see the most queries: they start first
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
+    H_KV = H // GROUP
+    off_b = (off_bhk // H_KV).to(tl.int64)
+    off_hk = (off_bhk % H_KV).to(tl.int64)
     OFFSET = TK - TQ
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < TK) & (offs_d[None, :] < D)
-    k = tl.load(K + off_b * skb + off_h * skh + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + off_b * svb + off_h * svh + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-    q_base = Q + off_b * sqb + off_h * sqh
-    do_base = DO + off_b * sdb + off_h * sdh
-    lse_base = LSE + off_bh.to(tl.int64) * TQ
-    delta_base = DELTA + off_bh.to(tl.int64) * TQ
+    k = tl.load(K + off_b * skb + off_hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + off_b * svb + off_hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # query i sees key j iff i >= j - OFFSET: query tiles before the first such row are skipped
@@ -208,16 +225,41 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, qk_scale,
     # from the first tile whose top row sees the tile's last key on, no mask is needed
     full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - OFFSET, 0), BLOCK_M) * BLOCK_M
     mid = tl.minimum(full_lo, TQ)
-    for start_m in range(lo, mid, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, start_m, offs_n,
-                            offs_d, qk_scale, TQ, D, OFFSET, BLOCK_M, True, PREC)
-    for start_m in range(mid, TQ, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, start_m, offs_n,
-                            offs_d, qk_scale, TQ, D, OFFSET, BLOCK_M, False, PREC)
+    q_bh = Q + off_b * sqb + off_hk * GROUP * sqh  # the group's first query head (the only one in MHA)
+    do_bh = DO + off_b * sdb + off_hk * GROUP * sdh
+    row_bh = (off_b * H + off_hk * GROUP) * TQ  # its rows of lse and delta
+    if GQA:
+        # The GROUP query heads that read this kv head add their shares to the same dk, dv registers.
+        # One flat loop per part walks the (head, query tile) pairs head by head: written as a loop over
+        # heads around the two loops below, the compiler kept more values live and 42 of the 178 GQA
+        # configs the AOT check compiles spilled.
+        n_masked = tl.cdiv(mid - lo, BLOCK_M)
+        for it in range(0, GROUP * n_masked):
+            g = it // n_masked  # the g-th query head of the group, query tile lo + (it % n_masked) * BLOCK_M
+            # the q/dO head offset in 64 bits, as every (batch, head) base (g * TQ, a row of lse, fits 32:
+            # with g * TQ in 64 bits too, one fp32 config spilled)
+            gl = g.to(tl.int64)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_bh + gl * sqh, do_bh + gl * sdh, LSE + row_bh + g * TQ,
+                                DELTA + row_bh + g * TQ, sqt, sdt, lo + (it - g * n_masked) * BLOCK_M, offs_n,
+                                offs_d, qk_scale, TQ, D, OFFSET, BLOCK_M, True, PREC)
+        n_full = tl.cdiv(TQ - mid, BLOCK_M)
+        for it in range(0, GROUP * n_full):
+            g = it // n_full
+            gl = g.to(tl.int64)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_bh + gl * sqh, do_bh + gl * sdh, LSE + row_bh + g * TQ,
+                                DELTA + row_bh + g * TQ, sqt, sdt, mid + (it - g * n_full) * BLOCK_M, offs_n,
+                                offs_d, qk_scale, TQ, D, OFFSET, BLOCK_M, False, PREC)
+    else:
+        for start_m in range(lo, mid, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_bh, do_bh, LSE + row_bh, DELTA + row_bh, sqt, sdt, start_m,
+                                offs_n, offs_d, qk_scale, TQ, D, OFFSET, BLOCK_M, True, PREC)
+        for start_m in range(mid, TQ, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_bh, do_bh, LSE + row_bh, DELTA + row_bh, sqt, sdt, start_m,
+                                offs_n, offs_d, qk_scale, TQ, D, OFFSET, BLOCK_M, False, PREC)
     dk = dk * sm_scale
-    tl.store(DK + off_b * sdkb + off_h * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
+    tl.store(DK + off_b * sdkb + off_hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + off_b * sdvb + off_h * sdvh + offs_n[:, None] * sdvt + offs_d[None, :],
+    tl.store(DV + off_b * sdvb + off_hk * sdvh + offs_n[:, None] * sdvt + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -240,10 +282,10 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, skt, svt, start_n, offs_m, 
 
 
 @_tuned("dq", ["TUNE_TQ", "D"])
-@triton.jit
+@triton.jit(do_not_specialize=["GROUP"])
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, qk_scale,
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sdqb, sdqh, sdqt,
-                   H, TQ, TK, D: tl.constexpr, TUNE_TQ,
+                   H, GROUP, TQ, TK, D: tl.constexpr, TUNE_TQ,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     off_bh = tl.program_id(0)
     start_m = _heavy_first(BLOCK_M)
@@ -258,8 +300,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, qk_scale,
     do = tl.load(DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=q_mask, other=0.0)
     lse2 = tl.load(LSE + off_bh.to(tl.int64) * TQ + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + off_bh.to(tl.int64) * TQ + offs_m, mask=row_ok, other=0.0)
-    k_base = K + off_b * skb + off_h * skh
-    v_base = V + off_b * svb + off_h * svh
+    off_hk = (off_bh % H // GROUP).to(tl.int64)  # the kv head this query head reads
+    k_base = K + off_b * skb + off_hk * skh
+    v_base = V + off_b * svb + off_hk * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_hi = ((start_m + OFFSET + 1) // BLOCK_N) * BLOCK_N
     hi = tl.minimum(start_m + BLOCK_M + OFFSET, TK)
@@ -294,11 +337,11 @@ def _dot_precision(q: torch.Tensor) -> str:
 
 def _meta(q: torch.Tensor, k: torch.Tensor) -> dict:
     B, H, Tq, D = q.shape
-    Tk = k.shape[2]
+    H_kv, Tk = k.shape[1], k.shape[2]
     prec = _dot_precision(q)
     block_d = max(16, triton.next_power_of_2(D))
-    return {"B": B, "H": H, "Tq": Tq, "Tk": Tk, "D": D, "BLOCK_D": block_d, "PREC": prec,
-            "TUNE_TQ": _tune_bucket(Tq), "TUNE_TK": _tune_bucket(Tk)}
+    return {"B": B, "H": H, "H_kv": H_kv, "GROUP": H // H_kv, "Tq": Tq, "Tk": Tk, "D": D, "BLOCK_D": block_d,
+            "PREC": prec, "TUNE_TQ": _tune_bucket(Tq), "TUNE_TK": _tune_bucket(Tk)}
 
 
 def _tune_bucket(T: int) -> int:
@@ -321,7 +364,7 @@ def _forward(q, k, v, sm_scale: float):
     fixed = _INTERP_FWD if INTERPRET else {}
     _fwd_kernel[_grid(m["Tq"], m["B"] * m["H"], "BLOCK_M", fixed)](
         q, k, v, o, lse, sm_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        m["H"], m["Tq"], m["Tk"], m["D"], m["TUNE_TQ"], BLOCK_D=m["BLOCK_D"], PREC=m["PREC"], **fixed)
+        m["H"], m["GROUP"], m["Tq"], m["Tk"], m["D"], m["TUNE_TQ"], BLOCK_D=m["BLOCK_D"], PREC=m["PREC"], **fixed)
     return o, lse
 
 
@@ -333,14 +376,14 @@ def _backward(q, k, v, o, lse, do, sm_scale: float):
     _bwd_preprocess[(BH, triton.cdiv(m["Tq"], 64))](
         o, do, delta, *_strides(o), *_strides(do), m["H"], m["Tq"], m["D"], BLOCK_M=64, BLOCK_D=m["BLOCK_D"])
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)  # (B, H_kv, Tk, D): one sum per kv head
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    common = (m["H"], m["Tq"], m["Tk"], m["D"])
+    common = (m["H"], m["GROUP"], m["Tq"], m["Tk"], m["D"])
     fixed = _INTERP_DKDV if INTERPRET else {}
-    _bwd_dkdv_kernel[_grid(m["Tk"], BH, "BLOCK_N", fixed)](
+    _bwd_dkdv_kernel[_grid(m["Tk"], m["B"] * m["H_kv"], "BLOCK_N", fixed)](
         q, k, v, do, lse, delta, dk, dv, sm_scale, sm_scale * LOG2E,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        *common, m["TUNE_TK"], BLOCK_D=m["BLOCK_D"], PREC=m["PREC"], **fixed)
+        *common, m["TUNE_TK"], BLOCK_D=m["BLOCK_D"], PREC=m["PREC"], GQA=m["GROUP"] > 1, **fixed)
     fixed = _INTERP_FWD if INTERPRET else {}
     _bwd_dq_kernel[_grid(m["Tq"], BH, "BLOCK_M", fixed)](
         q, k, v, do, lse, delta, dq, sm_scale, sm_scale * LOG2E,

@@ -170,16 +170,18 @@ def add_layer_norm(
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dimension: ``x / sqrt(mean(x**2) + eps) * weight`` (no mean, no bias).
 
-    x: (..., C); weight: (C,).  Returns x's shape and dtype.  The row is first divided by its largest
-    magnitude s (a constant, so it changes nothing mathematically: the eps term becomes eps / s**2):
-    x**2 of an fp32 row with entries near 1e20 would overflow, and of one near 1e-20 underflow to 0.
+    x: (..., C); weight: (C,).  Returns x's shape and dtype.  The row is first divided by a constant s
+    (which changes nothing mathematically: the eps term becomes eps / s**2): x**2 of an fp32 row with
+    entries near 1e20 would overflow, and of one near 1e-20 underflow to 0.  s is the row's largest
+    magnitude, but at least sqrt(eps): then eps / s**2 <= 1 cannot overflow either (for s = 1e-20 it
+    would be 1e34 computed as eps * (1 / s**2), and 1 / s**2 = 1e40 is inf in fp32), an all-zero row
+    needs no special case, and entries far below sqrt(eps) count for nothing next to eps anyway.
     """
     out_dtype = x.dtype
     with _exact(x.device):
         acc = _compute_dtype(x.dtype)
         x = x.to(acc)
-        s = x.abs().amax(dim=-1, keepdim=True).detach()  # (..., 1)
-        s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row normalizes to 0 either way
+        s = x.abs().amax(dim=-1, keepdim=True).detach().clamp(min=math.sqrt(eps))  # (..., 1)
         y = x / s  # (..., C), entries in [-1, 1]
         ms = (y * y).mean(dim=-1, keepdim=True) + eps / (s * s)  # (mean(x**2) + eps) / s**2
         y = y * torch.rsqrt(ms) * weight.to(acc)

@@ -53,6 +53,22 @@ def test_the_pruner_hands_the_autotuner_this_launchs_list(dtype, prec, kind):
         assert all(c.kwargs["BLOCK_M"] == 16 for c in decode), "decoding tiles have 16 query rows"
 
 
+def test_grouped_query_dkdv_skips_only_its_listed_configs():
+    """A GQA dK/dV launch (GQA=True) gets the multi-head list less GQA_DKDV_SKIP, and always keeps some."""
+    prune = tiles.pruner("dkdv", "TUNE_TK")
+    for dtype, prec, kind in [(torch.float16, "ieee", "16bit"), (torch.float32, "tf32", "tf32"),
+                              (torch.float32, "ieee", "ieee")]:
+        q = torch.empty(1, 1, 8, 8, dtype=dtype, device="meta")
+        for block_d in BLOCK_DS:
+            nargs = {"Q": q, "TUNE_TK": 1024}
+            mha = [tiles._key(c) for c in prune(tiles.configs("dkdv"), nargs, BLOCK_D=block_d, PREC=prec, GQA=False)]
+            gqa = [tiles._key(c) for c in prune(tiles.configs("dkdv"), nargs, BLOCK_D=block_d, PREC=prec, GQA=True)]
+            skip = tiles.GQA_DKDV_SKIP.get(kind, {}).get(block_d, [])
+            assert mha == tiles.TILES["dkdv"][kind][block_d]
+            assert gqa == [c for c in mha if c not in skip] and gqa, (kind, block_d)
+            assert set(skip) <= set(mha), "a skipped config must be one the list has"
+
+
 def test_on_a_gpu_the_pruner_drops_the_configs_that_spill_or_do_not_fit_there():
     """The real resource use decides: each listed config is compiled for the launch on the device, and
     one that spills or needs more shared memory than the GPU has is not benchmarked (said once)."""

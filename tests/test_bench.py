@@ -81,6 +81,31 @@ def test_layernorm_benchmark_quick(tmp_path):
         assert "skip cuda:" in result.stdout and "skip add-ln-cuda:" in result.stdout
 
 
+def test_rmsnorm_benchmark_quick(tmp_path):
+    result = _run_quick(
+        "bench/rmsnorm.py", "--widths", "100", "--rows", "16",
+        "--providers", "triton", "cuda", "add-rms-triton", "add-rms-cuda", "reference", "F.rms_norm", tmp_path=tmp_path,
+    )
+    (csv_path,) = tmp_path.glob("rmsnorm_*.csv")
+    rows = list(csv.DictReader(csv_path.open()))
+    measured = _measured(rows, "gbps")
+    for provider in ("triton", "add-rms-triton", "reference", "F.rms_norm"):
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            assert measured.get((provider, mode), 0) > 0, f"{provider} {mode} not measured: {rows}"
+    assert all(float(r["pct_copy"]) > 0 and float(r["copy_gbps"]) > 0 for r in rows if r["gbps"] not in ("", "-"))
+    assert "copy:" in result.stdout
+    assert (tmp_path / csv_path.with_suffix(".png").name).stat().st_size > 0
+    assert csv_path.with_suffix(".md").read_text().startswith("# rmsnorm")
+    # The extension's RMSNorm runs on CPU tensors too: measured when built, reported when not.
+    from kernels.backends import unavailable_reason
+
+    if unavailable_reason("cuda", "rms_norm", torch.device("cpu")) is None:
+        assert measured.get(("cuda", "fwd+bwd"), 0) > 0, f"cuda not measured: {rows}"
+        assert measured.get(("add-rms-cuda", "fwd+bwd"), 0) > 0, f"add-rms-cuda not measured: {rows}"
+    else:
+        assert "skip cuda:" in result.stdout and "skip add-rms-cuda:" in result.stdout
+
+
 def test_cross_entropy_benchmark_quick(tmp_path):
     result = _run_quick(
         "bench/cross_entropy.py", "--tokens", "4", "--vocab", "100", "--hidden", "16",
@@ -104,6 +129,32 @@ def test_cross_entropy_benchmark_quick(tmp_path):
             assert tflops.get(("linear-ce", "cuda", mode), 0) > 0, f"linear-ce cuda {mode} not measured: {rows}"
     else:
         assert "skip cuda:" in result.stdout
+
+
+def test_rope_swiglu_benchmark_quick(tmp_path):
+    result = _run_quick(
+        "bench/rope_swiglu.py", "--rope-shapes", "1,2,5,16", "--swiglu-shapes", "4,24",
+        "--providers", "triton", "cuda", "reference", "pytorch", tmp_path=tmp_path,
+    )
+    (csv_path,) = tmp_path.glob("rope_swiglu_*.csv")
+    rows = list(csv.DictReader(csv_path.open()))
+    measured = _measured(rows, "gbps")
+    for op in ("rope", "swiglu"):
+        for provider in ("triton", "reference", "pytorch"):
+            for mode in ("fwd", "fwd+bwd"):
+                assert measured.get((op, provider, mode), 0) > 0, f"{op} {provider} {mode} not measured: {rows}"
+    assert all(float(r["pct_copy"]) > 0 for r in rows if r["gbps"] not in ("", "-"))
+    assert "copy:" in result.stdout
+    assert (tmp_path / csv_path.with_suffix(".png").name).stat().st_size > 0
+    assert csv_path.with_suffix(".md").read_text().startswith("# rope_swiglu")
+    # The extension's ops run on CPU tensors too: measured when built, reported when not.
+    from kernels.backends import unavailable_reason
+
+    if unavailable_reason("cuda", "rope", torch.device("cpu")) is None:
+        for op in ("rope", "swiglu"):
+            assert measured.get((op, "cuda", "fwd+bwd"), 0) > 0, f"{op} cuda not measured: {rows}"
+    else:
+        assert "skip rope cuda:" in result.stdout and "skip swiglu cuda:" in result.stdout
 
 
 def test_train_benchmark_quick(tmp_path):

@@ -166,7 +166,8 @@ def _bad_calls():
         ("q", lambda: ops.attention_fwd(q.to(torch.int32), k, v, 0.5)),
         ("k", lambda: ops.attention_fwd(q, k.double(), v, 0.5)),
         ("v", lambda: ops.attention_fwd(q, k, v[:, :, :5], 0.5)),  # k and v differ
-        ("k", lambda: ops.attention_fwd(q, k[:, :1], v[:, :1], 0.5)),  # heads differ
+        ("k", lambda: ops.attention_fwd(q, k[..., :4], v[..., :4], 0.5)),  # head dims differ
+        ("k", lambda: ops.attention_fwd(q, torch.randn(1, 3, 6, 8), torch.randn(1, 3, 6, 8), 0.5)),  # 2 % 3 heads
         ("Tq", lambda: ops.attention_fwd(torch.randn(1, 2, 7, 8), k, v, 0.5)),  # Tq > Tk
         ("q", lambda: ops.attention_fwd(q[:, :, :0], k, v, 0.5)),  # empty
         ("scale", lambda: ops.attention_fwd(q, k, v, float("nan"))),
@@ -177,13 +178,119 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(13))
 def test_bad_inputs_raise_naming_the_tensor(case):
     name, call = _bad_calls()[case]
     with pytest.raises(RuntimeError, match=rf"\b{name}\b") as info:
         call()
     if name not in ("scale",):
         assert "shape" in str(info.value) and "dtype" in str(info.value), str(info.value)
+
+
+# --------------------------------------------------------------------------- grouped-query attention
+# k/v (B, H_kv, Tk, D) with H_kv < H: query head h reads k/v head h // (H / H_kv); dk, dv (of k/v's
+# shape) sum over each group, in the kernels, without atomics and without repeating k and v.
+
+
+def _gqa_inputs(B, H, H_kv, Tq, Tk, D, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Tq, D, generator=g).to(device, dtype)
+    k, v = (torch.randn(B, H_kv, Tk, D, generator=g).to(device, dtype) for _ in range(2))
+    return q, k, v, torch.randn(B, H, Tq, D, generator=g).to(device, dtype)
+
+
+def test_gqa_opcheck_forward_and_backward():
+    for dtype, (H, H_kv, Tq, Tk, D) in ((torch.float64, (4, 2, 5, 9, 8)), (torch.float32, (4, 1, 7, 7, 16))):
+        q, k, v, do = _gqa_inputs(1, H, H_kv, Tq, Tk, D, dtype)
+        torch.library.opcheck(ops.attention_fwd.default, (q, k, v, 0.3))
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        torch.library.opcheck(ops.attention_fwd.default, (qg, kg, vg, 0.3))
+        out, lse = ops.attention_fwd(q, k, v, 0.3)
+        assert out.shape == q.shape and lse.shape == (1, H, Tq)
+        dq, dk, dv = ops.attention_bwd(do, q, k, v, out, lse, 0.3)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+        torch.library.opcheck(ops.attention_bwd.default, (do, q, k, v, out, lse, 0.3))
+
+
+def test_gqa_fakes_give_dk_dv_of_k_v_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k, v, do = _gqa_inputs(2, 8, 2, 3, 11, 64, torch.bfloat16)
+        out, lse = ops.attention_fwd(q, k, v, 0.125)
+        dq, dk, dv = ops.attention_bwd(do, q, k, v, out, lse, 0.125)
+    assert out.shape == (2, 8, 3, 64) and lse.shape == (2, 8, 3) and lse.dtype == torch.float32
+    assert dq.shape == (2, 8, 3, 64) and dk.shape == dv.shape == (2, 2, 11, 64)
+
+
+# H_kv in {1, 2}, H in {4, 8} (H_kv = H is the MHA tests above); D in {16, 64, 80, 128}; odd T; T = 130
+# spans three 64-key tiles
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=["fp32", "fp64", "fp16"])
+@pytest.mark.parametrize(
+    "B,H,H_kv,T,D", [(2, 4, 1, 17, 16), (1, 4, 2, 97, 64), (1, 8, 2, 33, 80), (1, 8, 1, 130, 128), (2, 8, 4, 65, 64)]
+)
+def test_gqa_cpu_matches_reference(B, H, H_kv, T, D, dtype):
+    _check(*_gqa_inputs(B, H, H_kv, T, T, D, dtype))
+
+
+@pytest.mark.parametrize(
+    "H,H_kv,Tq,Tk,D", [(4, 1, 1, 1, 64), (8, 2, 1, 97, 128), (4, 2, 5, 33, 16), (8, 1, 17, 100, 80)]
+)
+def test_gqa_cpu_decoding_bottom_right_mask(H, H_kv, Tq, Tk, D):
+    """KV-cache decoding with a GQA cache: Tq (often 1) new queries per head against Tk cached keys."""
+    _check(*_gqa_inputs(1, H, H_kv, Tq, Tk, D, torch.float64))
+
+
+def test_gqa_cpu_dk_dv_are_the_group_sums():
+    """dk, dv are exactly what MHA on k/v repeated per query head gives, summed over each group."""
+    B, H, H_kv, T, D = 1, 8, 2, 70, 32
+    q, k, v, do = _gqa_inputs(B, H, H_kv, T, T, D, torch.float64)
+    _, _, dk, dv = _run(_cuda_backend_attention, q, k, v, do)
+    rep = (t.repeat_interleave(H // H_kv, dim=1) for t in (k, v))
+    _, _, dk_m, dv_m = _run(_cuda_backend_attention, q, *rep, do)
+    torch.testing.assert_close(dk, dk_m.view(B, H_kv, H // H_kv, T, D).sum(2), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(dv, dv_m.view(B, H_kv, H // H_kv, T, D).sum(2), atol=1e-12, rtol=1e-12)
+
+
+def _fused_gqa_views(B, T, H, H_kv, D, dtype, device="cpu", seed=3):
+    """q, k, v as a Llama-style model makes them: one (B, T, H + 2*H_kv, D) projection, split and
+    transposed to (B, heads, T, D) views (not contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, T, H + 2 * H_kv, D, generator=g).to(device, dtype)
+    q, k, v = (t.transpose(1, 2) for t in qkv.split([H, H_kv, H_kv], dim=2))
+    assert not q.is_contiguous() and not k.is_contiguous()
+    return q, k, v, torch.randn(B, H, T, D, generator=g).to(device, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_gqa_cpu_strided_views_of_a_fused_qkv(dtype):
+    q, k, v, do = _fused_gqa_views(2, 45, 4, 2, 16, dtype)
+    _check(q, k, v, do)
+    out, lse = ops.attention_fwd(q, k, v, 0.25)
+    out2, lse2 = ops.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), 0.25)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+
+
+def test_gqa_cpu_deterministic_across_thread_counts():
+    q, k, v, do = _gqa_inputs(1, 8, 2, 150, 150, 32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(_cuda_backend_attention, q, k, v, do)
+        torch.set_num_threads(2)
+        two = _run(_cuda_backend_attention, q, k, v, do)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_gqa_heads_not_a_multiple_raise_the_validation_error():
+    q, k, v, _ = _gqa_inputs(1, 4, 3, 5, 5, 16)
+    with kernels.backend("cuda"), pytest.raises(ValueError, match="q's 4 heads must be a multiple of k/v's 3"):
+        kernels.causal_attention(q, k, v)
+    with pytest.raises(RuntimeError, match="4 heads must be a multiple of k/v's 3"):
+        ops.attention_fwd(q, k, v, 0.25)
 
 
 # ------------------------------------------------------------------------------- compile and model
@@ -287,6 +394,23 @@ def test_gpu_lse_opcheck_and_unaligned_strided_inputs():
     torch.testing.assert_close(out_odd, ops.attention_fwd(q_odd.clone(), k, v, 0.125)[0], atol=0, rtol=0)
     qkv = torch.randn(2, 300, 3, 2, 128, device="cuda", dtype=torch.float16)
     _check(*(qkv[:, :, i].transpose(1, 2) for i in range(3)), torch.randn(2, 2, 300, 128, device="cuda").half())
+
+
+@pytest.mark.gpu
+def test_gpu_gqa_opcheck_and_fused_views():
+    """GQA on the CUDA kernels: opcheck (fakes, autograd registration), and the model's strided views of
+    a fused (B, T, H + 2*H_kv, D) projection give bitwise what contiguous copies give.  (Accuracy in
+    bf16/fp16 against the fp32 reference, within 2x SDPA's own error: tests/test_lowp.py.)"""
+    q, k, v, do = _gqa_inputs(1, 8, 2, 70, 130, 64, torch.bfloat16, device="cuda")
+    out, lse = ops.attention_fwd(q, k, v, 0.125)
+    torch.library.opcheck(ops.attention_fwd.default, (q, k, v, 0.125))
+    torch.library.opcheck(ops.attention_bwd.default, (do, q, k, v, out, lse, 0.125))
+    q, k, v, do = _fused_gqa_views(2, 300, 8, 2, 128, torch.bfloat16, device="cuda")
+    strided = _run(_cuda_backend_attention, q, k, v, do)
+    dense = _run(_cuda_backend_attention, q.contiguous(), k.contiguous(), v.contiguous(), do)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), strided, dense):
+        assert torch.equal(a, b), name
+    assert strided[2].shape == k.shape
 
 
 @pytest.mark.gpu

@@ -130,3 +130,32 @@ def test_attention_kernels_use_the_tensor_cores():
                 else:  # mma.sync.m16n8k16 needs sm_80: the body is the __trap() of LLM_ATTN_SM80 only
                     assert "BPT.TRAP" in body and not re.search(r"\bHMMA\.", body), f"{arch}: {kernel} is not the trap stub"
                     assert len(re.findall(r"/\*[0-9a-f]{4}\*/", body)) < 16, f"{arch}: {kernel} holds more than the trap"
+
+
+ROPE_SWIGLU_KERNELS = ("_rope_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel")  # csrc/rope_swiglu_cuda.cu
+
+
+def test_rope_and_swiglu_kernels_are_built_for_every_arch(resources):
+    """Each in its vector (16-byte) and scalar instantiations for float, half and bfloat16 (rope also
+    forward and inverse): 3 dtypes x 2 widths (x 2 directions); the spill rule above covers them too."""
+    for arch, funcs in resources.items():
+        for k in ROPE_SWIGLU_KERNELS:
+            found = [name for name in funcs if k in name]
+            want = 12 if k == "_rope_kernel" else 6
+            assert len(found) == want, f"{arch}: {len(found)} instantiations of {k}, expected {want}: {found}"
+
+
+# csrc/rms_norm_cuda.cu: name -> instantiations.  The row kernels: (x, weight) in (float, float), (half, half),
+# (half, float), (bf16, bf16), (bf16, float), each vector and scalar, with and without the residual (forward)
+# or dsum (backward): 5 x 2 x 2; the dweight partials per x dtype, their reduction per weight dtype: 3 each.
+RMS_NORM_KERNELS = {"_rms_fwd_kernel": 20, "_rms_bwd_dx_kernel": 20, "_rms_bwd_dw_partial_kernel": 3,
+                    "_rms_bwd_dw_reduce_kernel": 3}
+
+
+def test_rms_norm_kernels_are_built_for_every_arch(resources):
+    """Every instantiation the launchers can pick is in the library for every arch (the spill and static
+    shared-memory rules above cover them too)."""
+    for arch, funcs in resources.items():
+        for k, want in RMS_NORM_KERNELS.items():
+            found = [name for name in funcs if k in name]
+            assert len(found) == want, f"{arch}: {len(found)} instantiations of {k}, expected {want}: {found}"

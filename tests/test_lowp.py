@@ -73,12 +73,14 @@ ATTN_SHAPES = _sizes(
 
 
 def _sdpa(q, k, v):
-    """PyTorch's own attention with our mask: causal, aligned bottom-right when Tq < Tk."""
+    """PyTorch's own attention with our mask: causal, aligned bottom-right when Tq < Tk; grouped-query
+    (``enable_gqa``) when k/v have fewer heads than q."""
     Tq, Tk = q.shape[-2], k.shape[-2]
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
     if Tq == Tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
     keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, **gqa)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -97,6 +99,32 @@ def test_attention(lowp, backend, Tq, Tk, D, dtype):
     exact = _value_and_grads(reference.causal_attention, (q.float(), k.float(), v.float()), (do.float(),))
     for t in ours:
         assert t.dtype == dtype
+    _compare(lowp, ("out", "dq", "dk", "dv"), ours, theirs, exact, dtype)
+
+
+# (B, H, H_kv, Tq, Tk, D): grouped-query attention -- Llama 3.2 1B (32 query heads, 8 k/v heads, D = 64),
+# Qwen3 (16 / 8, D = 128), multi-query at an odd T, and decoding one token with a GQA cache
+GQA_SHAPES = _sizes(
+    [(1, 32, 8, 1024, 1024, 64), (1, 16, 8, 1024, 1024, 128), (2, 8, 1, 257, 257, 128), (4, 32, 8, 1, 513, 64)],
+    [(1, 4, 2, 40, 40, 64), (1, 4, 1, 1, 33, 128)],
+)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,H_kv,Tq,Tk,D", GQA_SHAPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_gqa(lowp, backend, B, H, H_kv, Tq, Tk, D, dtype):
+    """k/v with H_kv < H heads: out, dq, and dk, dv summed over each group, against SDPA's enable_gqa."""
+    _need(lowp, backend, "causal_attention", dtype)
+    g = _gen(1)
+    q = torch.randn(B, H, Tq, D, device=DEVICE, generator=g).to(dtype)
+    k, v = (torch.randn(B, H_kv, Tk, D, device=DEVICE, generator=g).to(dtype) for _ in range(2))
+    do = torch.randn(B, H, Tq, D, device=DEVICE, generator=g).to(dtype)
+    ours = _value_and_grads(_on(backend, kernels.causal_attention), (q, k, v), (do,))
+    theirs = _value_and_grads(_sdpa, (q, k, v), (do,))
+    exact = _value_and_grads(reference.causal_attention, (q.float(), k.float(), v.float()), (do.float(),))
+    for t, like in zip(ours, (q, q, k, v)):
+        assert t.dtype == dtype and t.shape == like.shape
     _compare(lowp, ("out", "dq", "dk", "dv"), ours, theirs, exact, dtype)
 
 

@@ -187,3 +187,67 @@ def test_attention_backward_is_the_true_gradient():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, T, 8, generator=g, dtype=torch.float64, requires_grad=True) for T in (5, 7, 7))
     assert torch.autograd.gradcheck(lambda q, k, v: reference.causal_attention(q, k, v), (q, k, v))
+
+
+# ------------------------------------------------------------------------ grouped-query attention
+
+
+def _gqa_inputs(B, H, H_kv, Tq, Tk, D, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Tq, D, generator=g, dtype=dtype)
+    k, v = (torch.randn(B, H_kv, Tk, D, generator=g, dtype=dtype) for _ in range(2))
+    return q, k, v, torch.randn(B, H, Tq, D, generator=g, dtype=dtype)
+
+
+def _per_head_loop(q, k, v, scale=None):
+    """Attention written head by head, query head h reading k/v head h // (H / H_kv): the GQA
+    definition itself, with no repeat_interleave."""
+    B, H, Tq, D = q.shape
+    H_kv, Tk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    keep = torch.ones(Tq, Tk, dtype=torch.bool).tril(diagonal=Tk - Tq)
+    heads = []
+    for h in range(H):
+        kh, vh = k[:, h // (H // H_kv)], v[:, h // (H // H_kv)]  # (B, Tk, D)
+        s = (q[:, h] @ kh.transpose(-2, -1) * scale).masked_fill(~keep, float("-inf"))  # (B, Tq, Tk)
+        heads.append(torch.softmax(s, dim=-1) @ vh)  # (B, Tq, D)
+    return torch.stack(heads, dim=1)  # (B, H, Tq, D)
+
+
+@pytest.mark.parametrize(
+    "B,H,H_kv,Tq,Tk,D",
+    [(1, 4, 1, 17, 17, 16), (2, 4, 2, 9, 9, 64), (1, 8, 2, 1, 13, 16), (1, 8, 4, 5, 33, 80), (2, 6, 3, 7, 7, 8)],
+)
+def test_gqa_attention_matches_a_per_head_loop_and_sums_the_group_gradients(B, H, H_kv, Tq, Tk, D):
+    q, k, v, do = _gqa_inputs(B, H, H_kv, Tq, Tk, D)
+    group = H // H_kv
+    ql, kl, vl = leaves(q, k, v)
+    out = reference.causal_attention(ql, kl, vl)
+    assert out.shape == (B, H, Tq, D)
+    assert_close(out, _per_head_loop(q, k, v), torch.float64, "GQA output vs the per-head loop")
+    dq, dk, dv = torch.autograd.grad(out, (ql, kl, vl), do)
+    assert dk.shape == k.shape and dv.shape == v.shape
+    # the same attention as MHA on k/v repeated for each query head: its dk, dv summed over each group
+    qm, km, vm = leaves(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1))
+    dq_m, dk_m, dv_m = torch.autograd.grad(reference.causal_attention(qm, km, vm), (qm, km, vm), do)
+    assert_close(dq, dq_m, torch.float64, "dq")
+    assert_close(dk, dk_m.view(B, H_kv, group, Tk, D).sum(2), torch.float64, "dk = sum over the group")
+    assert_close(dv, dv_m.view(B, H_kv, group, Tk, D).sum(2), torch.float64, "dv = sum over the group")
+    # and PyTorch's own GQA
+    mask = torch.ones(Tq, Tk, dtype=torch.bool).tril(diagonal=Tk - Tq)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert_close(out, sdpa, torch.float64, "GQA output vs SDPA enable_gqa")
+
+
+def test_gqa_backward_is_the_true_gradient():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, 7, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda q, k, v: reference.causal_attention(q, k, v), (q, k, v))
+
+
+@pytest.mark.parametrize("H,H_kv", [(4, 3), (3, 2), (2, 4)])
+def test_gqa_rejects_heads_that_are_not_a_multiple(H, H_kv):
+    q, k, v, _ = _gqa_inputs(1, H, H_kv, 4, 4, 8)
+    with pytest.raises(ValueError, match=rf"q's {H} heads must be a multiple of k/v's {H_kv}"):
+        kernels.causal_attention(q, k, v)

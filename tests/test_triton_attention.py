@@ -1,4 +1,5 @@
-"""The Triton FlashAttention-2 kernels (kernels/flash_attention.py) against the pure-PyTorch reference.
+"""The Triton FlashAttention-2 kernels (kernels/flash_attention.py) against the pure-PyTorch reference,
+multi-head and grouped-query (k/v with fewer heads).
 
 Without a GPU the kernels run in Triton's interpreter on the CPU (see the TRITON_INTERPRET note below).
 The interpreter is slow: shapes are small and
@@ -123,6 +124,66 @@ def test_dispatch_through_the_public_api():
     ref = _run(reference.causal_attention, q, k, v, do)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ grouped-query attention
+# k/v with H_kv < H heads: query head h reads k/v head h // (H / H_kv); dk, dv sum over each group.
+
+
+def _gqa_inputs(B, H, H_kv, Tq, Tk, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Tq, D, generator=g).to(DEVICE, dtype)
+    k, v = (torch.randn(B, H_kv, Tk, D, generator=g).to(DEVICE, dtype) for _ in range(2))
+    return q, k, v, torch.randn(B, H, Tq, D, generator=g).to(DEVICE, dtype)
+
+
+# H_kv in {1, 2}, H in {4, 8}; every D in {16, 64, 80, 128}; odd T; decoding (Tq < Tk, Tq = 1); T = 70
+# spans several tiles of both the forward (32 rows) and dK/dV (16 queries per step) interpreter configs
+@pytest.mark.parametrize(
+    "B,H,H_kv,Tq,Tk,D",
+    [(1, 4, 1, 17, 17, 16), (1, 4, 2, 33, 33, 64), (1, 8, 2, 19, 19, 80), (1, 8, 1, 1, 40, 128),
+     (2, 4, 2, 5, 37, 16), (1, 4, 1, 70, 70, 16)],
+)
+def test_gqa_fp32_matches_reference(B, H, H_kv, Tq, Tk, D):
+    _assert_matches(*_gqa_inputs(B, H, H_kv, Tq, Tk, D))
+
+
+@pytest.mark.parametrize("B,H,H_kv,Tq,Tk,D", [(1, 4, 2, 17, 17, 64), (1, 8, 1, 1, 33, 16)])
+def test_gqa_fp16_matches_reference(B, H, H_kv, Tq, Tk, D):
+    _assert_matches(*_gqa_inputs(B, H, H_kv, Tq, Tk, D, torch.float16), atol=1e-2, rtol=1e-2)
+
+
+def test_gqa_lse_is_per_query_head():
+    q, k, v, _ = _gqa_inputs(1, 4, 2, 11, 20, 16)
+    _, lse = fa.flash_attention_forward(q, k, v)
+    _, lse_mha = fa.flash_attention_forward(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1))
+    assert lse.shape == (1, 4, 11)
+    torch.testing.assert_close(lse, lse_mha, atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_views_of_a_fused_qkv_projection():
+    """How a Llama-style model calls it: q, k, v sliced out of one (B, T, H + 2*H_kv, D) projection and
+    transposed to (B, heads, T, D) views; the gradients reach the fused tensor, k and v never copied."""
+    B, T, H, H_kv, D = 2, 23, 4, 2, 16
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(B, T, H + 2 * H_kv, D, generator=g).to(DEVICE)
+    do = torch.randn(B, H, T, D, generator=g).to(DEVICE)
+    results = []
+    for fn in (fa.causal_attention, reference.causal_attention):
+        x = qkv.clone().requires_grad_(True)
+        q, k, v = (t.transpose(1, 2) for t in x.split([H, H_kv, H_kv], dim=2))  # (B, heads, T, D) views
+        assert not q.is_contiguous() and k.stride(1) == D and k.stride(2) == (H + 2 * H_kv) * D
+        o = fn(q, k, v)
+        (o * do).sum().backward()
+        results.append((o.detach(), x.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-4, rtol=1e-4)
+
+
+def test_gqa_heads_not_a_multiple_raise_the_validation_error():
+    q, k, v, _ = _gqa_inputs(1, 4, 3, 5, 5, 16)
+    with kernels.backend("triton"), pytest.raises(ValueError, match="q's 4 heads must be a multiple of k/v's 3"):
+        kernels.causal_attention(q, k, v)
 
 
 # ------------------------------------------------------------------------------------------- GPU only

@@ -3,7 +3,8 @@
 One subprocess (TRITON_INTERPRET unset there, so the kernels are JIT functions, not interpreted ones)
 runs ``python -m kernels.aot``: it captures every launch the host code makes for the shapes of
 ``kernels.aot.default_cases`` (attention T = 1024 and Tq = 1 decoding at every head-dim bucket, fp16,
-bf16, fp32 with IEEE and TF32 dots; LayerNorm 768/4096/16384 wide; cross-entropy at V = 50257), asks
+bf16, fp32 with IEEE and TF32 dots, with as many k/v heads as query heads and grouped-query with groups
+of 2, 4 and 8; LayerNorm 768/4096/16384 wide; cross-entropy at V = 50257), asks
 the autotuner which configs survive its pruning, compiles each for both archs through the JIT's own
 binder, and writes what ptxas and Triton report.  The tests here assert the rules on those records:
 each kernel compiles, fits the arch's shared memory, never spills, launches within CUDA's grid limits
@@ -60,12 +61,46 @@ def test_the_cases_cover_the_required_shapes_and_dtypes(report):
         for dtype in ("fp16", "bf16", "fp32", "fp32-tf32"):
             assert f"attention: train T=1024 D={D} {dtype}" in cases
             assert f"attention: decode Tq=1 Tk=1024 D={D} {dtype}" in cases
+            for H, H_kv in aot.GQA_HEADS:  # groups 2, 4, 8
+                assert f"attention: train H={H} H_kv={H_kv} T=1024 D={D} {dtype}" in cases
+                assert f"attention: decode H={H} H_kv={H_kv} Tq=1 Tk=1024 D={D} {dtype}" in cases
     for C in (768, 4096, 16384):
         for dtype in ("fp16", "bf16", "fp32"):
             assert f"layer_norm: layer_norm C={C} {dtype}" in cases
             assert f"layer_norm: add_layer_norm C={C} {dtype}" in cases
     for dtype in ("fp16", "bf16", "fp32"):
         assert f"cross_entropy: N=16 V=50257 {dtype}" in cases
+    for dtype in ("fp16", "bf16", "fp32"):  # RoPE and SwiGLU (kernels/fused_rope.py, fused_swiglu.py)
+        for D in aot.ROPE_HEAD_DIMS:
+            assert f"rope: train T=1024 D={D} {dtype}" in cases
+        assert f"rope: decode B*H=256 T=1 D=128 {dtype}" in cases
+        for I in aot.SWIGLU_WIDTHS:  # noqa: E741
+            assert f"swiglu: fused M=1024 I={I} {dtype}" in cases
+        assert f"swiglu: flat M=1024 I=3072 {dtype}" in cases
+    for C in (768, 4096, 16384):  # RMSNorm (kernels/fused_rmsnorm.py), with fp32 weights beside 16-bit x too
+        for dtype in ("fp16", "bf16", "fp32"):
+            for op in ("rms_norm", "add_rms_norm"):
+                assert f"rms_norm: {op} C={C} {dtype}" in cases
+                if dtype != "fp32":
+                    assert f"rms_norm: {op} C={C} weight fp32 {dtype}" in cases
+
+
+def test_grouped_query_attention_compiles_its_own_dkdv_and_shares_the_rest(report):
+    """GQA's dK/dV kernel (each program sums its k/v head's group of query heads) is a compiled variant
+    of its own for every head-dim bucket, dtype and arch, one for all groups; the forward, dQ and
+    preprocess kernels of a GQA launch are the very kernels the multi-head launch compiles."""
+    dkdv = {(r["arch"], r["dtype"], r["constexprs"].get("BLOCK_D")) for r in report["records"]
+            if r["kernel"] == "_bwd_dkdv_kernel" and r["constexprs"].get("GQA")}
+    for arch in ARCHS:
+        for dtype in ("fp16", "bf16", "fp32", "fp32-tf32"):
+            for block_d in (16, 32, 64, 128, 256):
+                assert (arch, dtype, block_d) in dkdv, f"no GQA dK/dV kernel for sm_{arch} {dtype} BLOCK_D={block_d}"
+    for r in report["records"]:
+        gqa = [c for c in r["cases"] if "H_kv=" in c]
+        if gqa and r["kernel"] != "_bwd_dkdv_kernel":
+            assert len(gqa) < len(r["cases"]), f"{_where(r)}: a GQA launch compiled a kernel no multi-head launch uses"
+        if r["kernel"] == "_bwd_dkdv_kernel":  # and the two variants never mix
+            assert not gqa or len(gqa) == len(r["cases"]), _where(r)
 
 
 def test_every_kept_config_compiles(report):

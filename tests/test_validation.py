@@ -15,7 +15,8 @@ q = torch.randn(2, 3, 5, 8)
         ((q.long(), q, q), TypeError, "q must be a floating-point tensor"),
         ((q, q.double(), q), TypeError, "share one dtype"),
         ((q, q, q[:, :, :4]), ValueError, "k and v must have the same shape"),
-        ((q, q[:, :2], q[:, :2]), ValueError, "agree in batch, heads and head dim"),
+        ((q, q[:, :2], q[:, :2]), ValueError, r"q's 3 heads must be a multiple of k/v's 2"),  # GQA: H % H_kv
+        ((q, q[:1], q[:1]), ValueError, "agree in batch and head dim"),
         ((q, q[:, :, :4], q[:, :, :4]), ValueError, r"Tq=5 > Tk=4"),
         ((q, q, q, -1.0), ValueError, "scale must be a finite positive number"),
         ((q, q, q, "0.1"), TypeError, "scale must be a real number"),
