@@ -110,7 +110,8 @@ def profiled_gemm_ms(step, steps: int = 2) -> float:
 
 def flops_per_token(model: GPT, T: int) -> float:
     cfg = model.config
-    return 6 * model.num_parameters(non_embedding=True) + 6 * cfg.n_layer * T * cfg.n_embd
+    # attention's q k^T and p v: 2 * 2 * T * (n_head * head_dim) per token and layer, halved for causal, x3 with backward
+    return 6 * model.num_parameters(non_embedding=True) + 6 * cfg.n_layer * T * cfg.n_head * cfg.head_dim
 
 
 def skip_reason(provider: str, device: torch.device) -> str | None:

@@ -26,6 +26,7 @@ examples:
   llm pretrain --preset tiny --data the-verdict --max-steps 50 --out-dir out/tiny
   torchrun --standalone --nproc_per_node 2 -m llm pretrain     # data-parallel
   llm generate --prompt "ROMEO:" --max-new-tokens 100
+  llm prepare tinyshakespeare --tokenizer path/to/Qwen3-0.6B     # any Hugging Face tokenizer.json
   llm eval perplexity tinyshakespeare --split val    # of out/ckpt.pt
   llm sft --hf-model gpt2-dir --lora-rank 16 --out-dir out/sft   # instruction-tune GPT-2 with LoRA
   llm dpo --checkpoint out/sft/ckpt.pt --out-dir out/dpo         # then preference-tune it
@@ -37,6 +38,12 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     """Defaults after every option, and descriptions printed as written."""
 
 
+def _tokenizer_help(default: str | None = None) -> str:
+    from .tokenizer import TOKENIZER_HELP  # (imports tiktoken: ~15 ms of `llm <command> --help`)
+
+    return TOKENIZER_HELP + (f"; if not given, {default}" if default else "")
+
+
 # ---------------------------------------------------------------------------------------------
 # prepare
 
@@ -45,14 +52,17 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="?", default="tinyshakespeare",
                    help="corpus name, text file, folder, glob, or hf:<dataset>[:<config>]")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation")
+    p.add_argument("--tokenizer", default="gpt2", metavar="PATH", help=_tokenizer_help())
     p.add_argument("--force", action="store_true", help="re-tokenize even if cached")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
 def run_prepare(args: argparse.Namespace) -> int:
     from . import data
+    from .tokenizer import get_tokenizer
 
-    prepared = data.prepare(args.source, val_fraction=args.val_fraction, progress=args.progress, force=args.force)
+    prepared = data.prepare(args.source, val_fraction=args.val_fraction, tokenizer=get_tokenizer(args.tokenizer),
+                            progress=args.progress, force=args.force)
     n_train, n_val = len(prepared.train_tokens()), len(prepared.val_tokens())
     print(f"{args.source}: {n_train + n_val:,} tokens ({n_train:,} train, {n_val:,} val)")
     for key, value in prepared.meta.items():
@@ -121,6 +131,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--hf-dir", default=None, help="Hugging Face GPT-2 folder (config.json + model.safetensors) instead")
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text; repeat for several prompts (default: the run's sample prompt)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help=_tokenizer_help("the one the checkpoint was trained with, or the --hf-dir folder's "
+                                        "tokenizer.json (gpt2 if it has none)"))
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per prompt")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (0: all)")
@@ -131,28 +144,31 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_for_generate(args: argparse.Namespace, device):
-    """(model, default prompt) from --hf-dir or --checkpoint."""
+    """(model, default prompt, tokenizer it was trained with) from --hf-dir or --checkpoint."""
     from .checkpoint import load_checkpoint, model_from_checkpoint
     from .model import GPT
+    from .tokenizer import checkpoint_tokenizer, folder_tokenizer
 
     if args.hf_dir is not None:
         if not os.path.isdir(args.hf_dir):
             raise FileNotFoundError(f"--hf-dir {args.hf_dir}: no such folder")
-        return GPT.from_pretrained(args.hf_dir).to(device).eval(), "\n"
+        return GPT.from_pretrained(args.hf_dir).to(device).eval(), "\n", folder_tokenizer(args.hf_dir)
     ckpt = load_checkpoint(args.checkpoint)
-    return model_from_checkpoint(ckpt, device), ckpt.get("train_config", {}).get("sample_prompt", "\n")
+    prompt = ckpt.get("train_config", {}).get("sample_prompt", "\n")
+    return model_from_checkpoint(ckpt, device), prompt, checkpoint_tokenizer(ckpt)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .generate import generate_text, stream_text
-    from .tokenizer import get_tokenizer
+    from .tokenizer import check_vocab_fits, get_tokenizer
     from .train_setup import resolve_device
 
     device = resolve_device(args.device)
-    model, default_prompt = _load_for_generate(args, device)
-    tokenizer = get_tokenizer()
+    model, default_prompt, trained_with = _load_for_generate(args, device)
+    tokenizer = get_tokenizer(args.tokenizer or trained_with)
+    check_vocab_fits(model.config.vocab_size, tokenizer)
     prompts = args.prompt or [default_prompt]
     gen = torch.Generator(device=device).manual_seed(args.seed)
     kw = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 
 from . import train_setup
 from .finetune_common import (METRICS_NAME, FinetuneConfig, _opt, add_config_args, config_from_args,
-                              finish_and_save, load_start_model, log, maybe_apply_lora, plot, prepare_out_dir,
+                              finish_and_save, load_start_model, load_tokenizer, log, maybe_apply_lora, plot,
+                              prepare_out_dir,
                               require_batches, seeded_generator, setup_device, train_loop, write_test_responses)
 from .instruct import EOT, IGNORE_INDEX, encode_parts, load_records, split_records
 from .scoring import sequence_logprobs
@@ -111,15 +112,16 @@ def evaluate_pairs(policy, reference, loader, beta: float, device, autocast, max
 
 class PreferenceDataset(torch.utils.data.Dataset):
     """Item i is (prompt ids, chosen ids, rejected ids); the prompt ends with "### Response:\\n"
-    and each answer with <|endoftext|>, so the choice to stop is scored too."""
+    and each answer with the tokenizer's end-of-text token, so the choice to stop is scored too."""
 
     def __init__(self, records, tokenizer):
         self.records = list(records)
         self.items = []
+        eot = tokenizer.eot_token
         for rec in self.records:
             prompt, header, chosen = encode_parts(rec, tokenizer, "chosen")
             rejected = encode_parts(rec, tokenizer, "rejected")[2]
-            self.items.append((prompt + header, chosen + [EOT], rejected + [EOT]))
+            self.items.append((prompt + header, chosen + [eot], rejected + [eot]))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -168,7 +170,6 @@ def collate_pairs(batch, *, pad_token_id: int = EOT, ignore_index: int = IGNORE_
 
 def dpo(cfg: DPOConfig) -> dict:
     """Run DPO as ``cfg`` says; returns a summary dict (first/final metrics, losses, paths)."""
-    from .tokenizer import get_tokenizer
     from .train_log import MetricsLog
 
     cfg.validate()
@@ -191,7 +192,7 @@ def dpo(cfg: DPOConfig) -> dict:
         maybe_apply_lora(policy, cfg)
         block = policy.config.block_size
         max_len = min(cfg.max_length or block, block)
-        tokenizer = get_tokenizer()
+        tokenizer = load_tokenizer(cfg, source, policy)
         datasets = {}
         for split, recs in (("train", train), ("val", val)):
             ds = PreferenceDataset(recs, tokenizer)
@@ -199,7 +200,7 @@ def dpo(cfg: DPOConfig) -> dict:
             if dropped:
                 log(f"{split}: dropped {dropped} pairs whose prompt is longer than {max_len} tokens")
             datasets[split] = ds
-        collate_fn = partial(collate_pairs, allowed_max_length=max_len)
+        collate_fn = partial(collate_pairs, pad_token_id=tokenizer.eot_token, allowed_max_length=max_len)
         train_loader = DataLoader(datasets["train"], cfg.batch_size, shuffle=True, drop_last=True,
                                   collate_fn=collate_fn, generator=seeded_generator(cfg.seed))
         eval_loaders = {s: DataLoader(ds, cfg.batch_size, shuffle=False, collate_fn=collate_fn)
@@ -226,8 +227,9 @@ def dpo(cfg: DPOConfig) -> dict:
                             step_loss, evaluate, metrics, desc="dpo")
         first, final = result["first_eval"], result["final_eval"]
         saved = finish_and_save(policy, cfg, out_dir, "dpo", {"source": source, "step": result["steps"],
-                                                              "initial_eval": first, "final_eval": final})
-        responses = write_test_responses(policy, test, cfg, out_dir, device, autocast)
+                                                              "initial_eval": first, "final_eval": final,
+                                                              "tokenizer": tokenizer.name})
+        responses = write_test_responses(policy, test, cfg, out_dir, device, autocast, tokenizer)
         plot(metrics, out_dir)
     log(f"val reward margin {first['val_reward_margin']:.4f} -> {final['val_reward_margin']:.4f}, "
         f"accuracy {first['val_accuracy']:.2f} -> {final['val_accuracy']:.2f} in {result['steps']} steps "

@@ -3,6 +3,7 @@
     FinetuneConfig                 the settings both have; each field is also a CLI flag
     add_config_args / config_from_args
     load_start_model(cfg)          a GPT from --checkpoint, --hf-model or --preset
+    load_tokenizer(cfg, source, model)   --tokenizer, or the one the checkpoint was trained with
     maybe_apply_lora(model, cfg)   wrap with LoRA (rank > 0) and print the trainable share
     train_loop(...)                epochs/steps, AdamW, clipping, periodic eval, progress bar
     finish_and_save(...)           merge LoRA (or save the factors alone), write ckpt.pt atomically
@@ -33,6 +34,7 @@ from . import train_setup
 from .checkpoint import FORMAT, atomic_save, atomic_write_text, load_checkpoint
 from .lora import apply_lora, describe_trainable, lora_state_dict, merge_lora
 from .model import GPT, PRESETS, GPTConfig
+from .tokenizer import checkpoint_tokenizer
 
 CKPT_NAME, LORA_NAME, METRICS_NAME, PLOT_NAME, RESPONSES_NAME = (
     "ckpt.pt", "lora.pt", "metrics.jsonl", "loss.png", "test_responses.json")
@@ -55,6 +57,9 @@ class FinetuneConfig:
     dropout: float | None = _opt(None, "dropout while fine-tuning (None: the model's own)")
     # -- data
     data: str = _opt("instruction-data", "dataset name or JSON file")
+    tokenizer: str | None = _opt(None, "'gpt2' or the path of a Hugging Face tokenizer.json, or of a folder holding "
+                                       "one (None: the one --checkpoint was trained with, or the --hf-model "
+                                       "folder's tokenizer.json; else gpt2)")
     limit: int | None = _opt(None, "use only the first N records (quick runs)")
     split_seed: int | None = _opt(None, "shuffle with this seed before the 85/10/5 split (None: file order)")
     max_length: int | None = _opt(None, "truncate every sequence to this many tokens (None: the model's block_size)")
@@ -157,7 +162,8 @@ def load_start_model(cfg: FinetuneConfig) -> tuple[GPT, dict]:
         ckpt = load_checkpoint(cfg.checkpoint)
         model = GPT(GPTConfig.from_dict({**ckpt["model_config"], **overrides}))
         model.load_state_dict(ckpt["model"])
-        source = {"checkpoint": str(cfg.checkpoint), "kind": ckpt.get("kind", "pretrain")}
+        source = {"checkpoint": str(cfg.checkpoint), "kind": ckpt.get("kind", "pretrain"),
+                  "tokenizer": checkpoint_tokenizer(ckpt)}
     else:
         if cfg.block_size is not None:
             overrides["block_size"] = cfg.block_size
@@ -169,6 +175,17 @@ def load_start_model(cfg: FinetuneConfig) -> tuple[GPT, dict]:
             torch.manual_seed(cfg.seed)  # the random init is part of the run's identity
             model, source = GPT(GPTConfig.from_preset(cfg.preset, **overrides)), {"preset": cfg.preset}
     return model.train(), source
+
+
+def load_tokenizer(cfg: FinetuneConfig, source: dict, model: GPT):
+    """--tokenizer, else the one the --checkpoint was trained with (``source["tokenizer"]``) or the --hf-model
+    folder's tokenizer.json, else GPT-2's; ValueError when it makes ids the model's embedding does not have."""
+    from .tokenizer import check_vocab_fits, folder_tokenizer, get_tokenizer
+
+    default = folder_tokenizer(cfg.hf_model) if cfg.hf_model is not None else source.get("tokenizer", "gpt2")
+    tokenizer = get_tokenizer(cfg.tokenizer or default)
+    check_vocab_fits(model.config.vocab_size, tokenizer)
+    return tokenizer
 
 
 def maybe_apply_lora(model: GPT, cfg: FinetuneConfig) -> None:
@@ -326,30 +343,31 @@ def load_lora_checkpoint(model: GPT, path: str | Path) -> GPT:
 @torch.no_grad()
 def generate_responses(model: GPT, records: list[dict], tokenizer, max_new_tokens: int, device: torch.device,
                        autocast: Callable, progress: bool = True) -> list[dict]:
-    """Each record plus ``model_response``: greedy decoding from the prompt, stopped at <|endoftext|>."""
+    """Each record plus ``model_response``: greedy decoding from the prompt, stopped at the end-of-text token."""
     from .generate import generate
-    from .instruct import EOT, prompt_ids
+    from .instruct import prompt_ids
 
     model.eval()
     out = []
     for rec in tqdm(records, desc="test responses", unit="rec", dynamic_ncols=True, disable=not progress):
-        ids = prompt_ids(rec, tokenizer)
+        ids, eot = prompt_ids(rec, tokenizer), tokenizer.eot_token
         idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
         with autocast():
-            seq = generate(model, idx, max_new_tokens, temperature=0.0, eos_token_id=EOT)  # (1, T + n)
+            seq = generate(model, idx, max_new_tokens, temperature=0.0, eos_token_id=eot)  # (1, T + n)
         new = seq[0, len(ids):].tolist()
-        new = new[:new.index(EOT)] if EOT in new else new
+        new = new[:new.index(eot)] if eot in new else new
         out.append({**rec, "model_response": tokenizer.decode(new).strip()})
     return out
 
 
-def write_test_responses(model, test: list[dict], cfg: FinetuneConfig, out_dir: Path, device, autocast) -> Path | None:
+def write_test_responses(model, test: list[dict], cfg: FinetuneConfig, out_dir: Path, device, autocast,
+                         tokenizer=None) -> Path | None:
     from .tokenizer import get_tokenizer
 
     n = len(test) if cfg.num_test_responses is None else min(cfg.num_test_responses, len(test))
     if n == 0 or cfg.max_new_tokens == 0:
         return None
-    responses = generate_responses(model, test[:n], get_tokenizer(), cfg.max_new_tokens, device, autocast,
+    responses = generate_responses(model, test[:n], tokenizer or get_tokenizer(), cfg.max_new_tokens, device, autocast,
                                    cfg.progress)
     path = out_dir / RESPONSES_NAME
     atomic_write_text(path, json.dumps(responses, indent=2, ensure_ascii=False) + "\n")

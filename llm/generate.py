@@ -152,7 +152,19 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> to
 def _encode_prompt(tokenizer, prompt: str) -> list[int]:
     ids = tokenizer.encode(prompt)
     # An empty prompt still needs one token to condition on: GPT-2 starts documents after <|endoftext|>.
+    # (A tokenizer.json without an end-of-text token raises a ValueError here that says so.)
     return ids if ids else [tokenizer.eot_token]
+
+
+def _default_eos(tokenizer) -> int | None:
+    """The tokenizer's end-of-text id, or None when it has none (then generation runs to max_new_tokens).
+
+    ``eos_token_id`` is None for a tokenizer.json without one, where reading ``eot_token`` raises;
+    simpler tokenizers (the tests' byte tokenizers) have only ``eot_token``.
+    """
+    if hasattr(tokenizer, "eos_token_id"):
+        return tokenizer.eos_token_id
+    return getattr(tokenizer, "eot_token", None)
 
 
 def _cut_at_eos(ids: list[int], eos_token_id: int | None) -> list[int]:
@@ -172,7 +184,7 @@ def generate_text(
     """
     if isinstance(prompts, str):
         prompts = [prompts]
-    kwargs.setdefault("eos_token_id", getattr(tokenizer, "eot_token", None))
+    kwargs.setdefault("eos_token_id", _default_eos(tokenizer))
     device = next(model.parameters()).device
     encoded = [_encode_prompt(tokenizer, p) for p in prompts]
     groups: dict[int, list[int]] = {}  # token length -> indices of the prompts that have it
@@ -195,7 +207,7 @@ def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 100, *
     would print replacement characters; instead the text decoded so far is compared with what was
     already yielded, and a piece is held back while it ends in an incomplete character.
     """
-    kwargs.setdefault("eos_token_id", getattr(tokenizer, "eot_token", None))
+    kwargs.setdefault("eos_token_id", _default_eos(tokenizer))
     device = next(model.parameters()).device
     idx = torch.tensor([_encode_prompt(tokenizer, prompt)], dtype=torch.long, device=device)  # (1, T)
     new_ids: list[int] = []

@@ -29,7 +29,8 @@ __all__ = [
 PREAMBLE = ("Below is an instruction that describes a task. "
             "Write a response that appropriately completes the request.")
 RESPONSE_HEADER = "\n\n### Response:\n"
-EOT = 50256  # GPT-2's <|endoftext|>: the end of every response, and the padding
+EOT = 50256  # GPT-2's <|endoftext|>: the end of every response, and the padding (the runs pass their
+# tokenizer's eot_token instead, for a tokenizer.json)
 IGNORE_INDEX = -100  # the target id the loss skips (torch's and kernels.cross_entropy's default)
 INSTRUCTION_KEYS = ("instruction", "input", "output")
 

@@ -10,9 +10,10 @@ activation saved for backward is alive and the gradients are about to be written
 * parameters, fp32 (autocast keeps the weights fp32), 4 bytes each;
 * gradients, fp32, 4 bytes each (twice under DDP: its all-reduce buckets are a second copy);
 * AdamW state: exp_avg and exp_avg_sq, fp32, 8 bytes per parameter;
-* activations of one micro-batch: per layer and token, the ~16 (B, T, C)-shaped values a block saves
-  for backward (LayerNorm inputs and statistics, the q/k/v projection, the attention output, the MLP's
-  4C hidden before and after GELU, the projections' inputs), half of them 16-bit under autocast, plus
+* activations of one micro-batch: per layer and token, the values a block saves for backward
+  (:func:`block_values_per_token`: the norms' inputs and outputs, the q/k/v projection, the rotated q
+  and k with RoPE, the attention output, the MLP's hidden before and after GELU or SwiGLU) -- 16 C for
+  GPT-2 --, all but 6 C of them 16-bit under autocast, plus
   the (H, T) attention probabilities where attention runs on the pure-PyTorch reference (every other
   backend keeps only the log-sum-exp); then the LM head and loss: the fused, chunked kernels (triton,
   cuda) hold one chunk of logits and its gradient, the others three or four (N, V) fp32 buffers.  With
@@ -33,8 +34,7 @@ from dataclasses import dataclass
 import torch
 
 GiB = 1 << 30
-BLOCK_VALUES_PER_TOKEN = 16  # (B, T, C)-sized values a transformer block saves for backward, per n_embd
-LOWP_SHARE = 10 / 16  # of those, the ones autocast saves in 16 bits (matmul and attention inputs/outputs)
+FP32_VALUES_PER_TOKEN = 6  # x n_embd: of a block's saved values, those autocast keeps in fp32 (the norms')
 # (N, V) fp32 buffers the unfused LM head + loss keeps alive (measured: torch 3.7, pytorch 2.7)
 UNCHUNKED_LOGITS_COPIES = {"torch": 4, "pytorch": 3}
 CHUNKED_BACKENDS = ("triton", "cuda")  # never form the (N, V) logits (kernels/_chunked_linear_ce.py)
@@ -70,19 +70,38 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
+def block_values_per_token(config) -> int:
+    """How many numbers one transformer block saves for backward per token (GPT-2: 16 n_embd).
+
+    4 C for the two norms' inputs and outputs; q, k and v (n_head + 2 n_kv_head) * head_dim; the
+    attention output n_head * head_dim; with RoPE the rotated q and k (new tensors, the projection's
+    stay saved too); the MLP's hidden: c_fc's output and the activation's, 2 I for GELU, 3 I for
+    SwiGLU (gate and up, then silu(gate) * up).  Qwen3's q/k norms save nothing new but statistics.
+    """
+    C, I = config.n_embd, config.intermediate_size
+    q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    values = 4 * C + (q + 2 * kv) + q
+    if config.pos_emb == "rope":
+        values += q + kv
+    return values + (3 * I if config.mlp == "swiglu" else 2 * I)
+
+
 def estimate_training_memory(config, n_params: int, *, batch_size: int, block_size: int, precision: str,
                              ce_backend: str, attention_backend: str, world_size: int = 1) -> MemoryEstimate:
-    """The :class:`MemoryEstimate` of training a GPT of ``config`` (its n_layer, n_head, n_embd,
-    vocab_size) with ``n_params`` parameters on micro-batches of ``batch_size`` x ``block_size``.
+    """The :class:`MemoryEstimate` of training a GPT of ``config`` (a :class:`llm.model.GPTConfig`)
+    with ``n_params`` parameters on micro-batches of ``batch_size`` x ``block_size``.
     ``precision``: "float32", "bfloat16" or "float16"; ``*_backend``: the kernels backend that runs
     that op (``kernels.backends.backend_for``)."""
     N, C, L, V, H = batch_size * block_size, config.n_embd, config.n_layer, config.vocab_size, config.n_head
     lowp = precision != "float32"
     low_bytes = 2 if lowp else 4
-    per_value = (LOWP_SHARE * low_bytes + (1 - LOWP_SHARE) * 4) if lowp else 4.0
-    block = N * C * BLOCK_VALUES_PER_TOKEN * per_value
+    values = block_values_per_token(config)
+    fp32_values = FP32_VALUES_PER_TOKEN * C if lowp else values
+    block = N * (fp32_values * 4 + (values - fp32_values) * low_bytes)
     if attention_backend == "torch":  # the reference materialises softmax(QK^T) in fp32: scores and probabilities
         block += N * H * block_size * 2 * 4
+        if config.n_kv_head < H:  # and, for grouped-query attention, k and v repeated to every query head
+            block += N * 2 * H * config.head_dim * low_bytes
     if ce_backend in CHUNKED_BACKENDS:
         from kernels._chunked_linear_ce import rows_per_chunk
 

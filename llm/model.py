@@ -1,26 +1,39 @@
-"""GPT-2, readable in one sitting.
+"""GPT-2, readable in one sitting -- and the few changes that make the same code Llama 3 or Qwen3.
 
     token ids (B, T)
-      -> wte(idx) + wpe(pos)                      token + position embeddings      (B, T, C)
-      -> n_layer x Block:                         pre-LN transformer blocks
-             x = x + attn(ln_1(x))                causal multi-head self-attention
-             x = x + mlp(ln_2(x))                 Linear(C, 4C) -> GELU(tanh) -> Linear(4C, C)
-      -> ln_f                                     final LayerNorm                  (B, T, C)
+      -> wte(idx) (+ wpe(pos), GPT-2 only)        token (+ position) embeddings    (B, T, C)
+      -> n_layer x Block:                         pre-norm transformer blocks
+             x = x + attn(ln_1(x))                causal self-attention (RoPE on q and k: Llama, Qwen3)
+             x = x + mlp(ln_2(x))                 GELU or SwiGLU MLP
+      -> ln_f                                     final norm                       (B, T, C)
       -> lm_head (tied to wte by default)         logits                           (B, T, V)
 
-Attention, LayerNorm and the loss run through the ``kernels`` API (``kernels.causal_attention``,
-``kernels.layer_norm``, ``kernels.add_layer_norm``, ``kernels.linear_cross_entropy``), so the same model runs on the pure-PyTorch
+Llama 3 and Qwen3 are this GPT with other choices, each a GPTConfig field (the defaults are GPT-2's):
+
+    GPT-2                        Llama 3 / Qwen3                               GPTConfig
+    LayerNorm (weight, bias)     RMSNorm (weight only)                         norm="rmsnorm"
+    learned position table wpe   rotary embedding (RoPE) of q and k            pos_emb="rope", rope_theta, rope_scaling
+    Linear -> GELU -> Linear     Linear(C, 2I) -> silu(gate) * up -> Linear    mlp="swiglu", intermediate_size
+    n_head key/value heads       fewer, each shared by a group of q heads      n_kv_head (grouped-query attention)
+    head_dim = n_embd / n_head   any head_dim (Qwen3-0.6B: 16 x 128 > 1024)    head_dim
+    biases                       none                                          bias=False
+                                 RMSNorm of each head's q and k (Qwen3)        qk_norm=True
+
+Attention, the norms, RoPE, SwiGLU and the loss run through the ``kernels`` API (``kernels.causal_attention``,
+``kernels.layer_norm`` / ``add_layer_norm``, ``kernels.rms_norm`` / ``add_rms_norm``, ``kernels.rope``,
+``kernels.swiglu``, ``kernels.linear_cross_entropy``), so the same model runs on the pure-PyTorch
 reference on a laptop and on the Triton/CUDA kernels on a GPU.  Module and parameter names match
 nanoGPT and Hugging Face's ``GPT2LMHeadModel`` (``transformer.h.0.attn.c_attn.weight`` ...), which
 is what lets ``GPT.from_pretrained`` / ``save_pretrained`` (``llm/hf.py``) read and write
-Hugging Face checkpoints with a plain key-to-key mapping.
+Hugging Face checkpoints with a plain key-to-key mapping (Llama's separate q/k/v and gate/up
+projections are stacked into ``c_attn`` and ``c_fc`` there).  The config and its presets are in
+``llm/config.py``, the rotation angles of RoPE in ``llm/rope.py``.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -29,81 +42,18 @@ import torch.utils.checkpoint
 
 import kernels
 
-__all__ = ["GPTConfig", "PRESETS", "GPT", "KVCache", "LayerNorm", "CausalSelfAttention", "MLP", "Block"]
+from .config import PRESETS, GPTConfig
+from .rope import RotaryEmbedding
 
-# Architecture presets.  The four GPT-2 sizes are OpenAI's (vocab 50257 is kept unpadded so that
-# checkpoints load without surgery); "tiny" is for unit tests and "cpu-small" is the default model
-# that learns tinyshakespeare visibly in a few minutes on 2 CPU cores.
-PRESETS: dict[str, dict] = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),  # 124.4M parameters (tied)
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),  # 354.8M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),  # 774.0M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),  # 1557.6M
-    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),  # 3.3M, 3.2M of them wte
-    "cpu-small": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),  # 7.2M, 6.4M of them wte
-}
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = 50257
-    block_size: int = 1024  # longest sequence the position embedding covers
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0  # embedding + residual dropout; none on attention probabilities (see attention)
-    bias: bool = True  # biases in Linear layers and LayerNorms, as in GPT-2
-    tie_weights: bool = True  # lm_head.weight is transformer.wte.weight
-    layer_norm_eps: float = 1e-5
-
-    def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) "
-                "so that every head gets n_embd // n_head dims"
-            )
-        if not (_is_real(self.dropout) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"GPTConfig.dropout must be a float in [0, 1), got {self.dropout!r}")
-        if not (_is_real(self.layer_norm_eps) and self.layer_norm_eps > 0):
-            raise ValueError(f"GPTConfig.layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}")
-        for name in ("bias", "tie_weights"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"GPTConfig.{name} must be a bool, got {getattr(self, name)!r}")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> GPTConfig:
-        """``GPTConfig.from_preset("cpu-small", dropout=0.1)``: a named preset plus validated overrides."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GPTConfig:
-        """Build from a plain dict (e.g. one saved in a checkpoint); unknown keys are an error, not ignored."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(
-                f"unknown GPTConfig field(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(fields))}"
-            )
-        return cls(**d)
+__all__ = ["GPTConfig", "PRESETS", "GPT", "KVCache", "LayerNorm", "RMSNorm", "CausalSelfAttention", "MLP", "Block"]
 
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, for incremental decoding.
 
-    ``k[i]`` and ``v[i]`` are layer i's (B, nh, T_past, hs) tensors (None before the first forward).
+    ``k[i]`` and ``v[i]`` are layer i's (B, n_kv_head, T_past, head_dim) tensors (None before the
+    first forward): only the key/value heads, so grouped-query attention shrinks the cache by
+    n_head / n_kv_head, and with RoPE the keys as rotated for their own positions, which never change.
     Each forward appends the new tokens' keys/values; ``length`` is T_past, which the model also
     uses as the position offset of the new tokens.  Growing by ``torch.cat`` copies the cache once
     per step, which costs the same order as the attention that reads it anyway, and keeps it simple.
@@ -122,9 +72,9 @@ class KVCache:
         return self.length
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v (B, nh, T_new, hs) to layer ``layer``; return all keys/values (B, nh, T_past + T_new, hs)."""
+        """Append k, v (B, nkv, T_new, hs) to layer ``layer``; return all keys/values (B, nkv, T_past + T_new, hs)."""
         if self.k[layer] is not None:
-            k = torch.cat([self.k[layer], k], dim=2)  # (B, nh, T_past + T_new, hs)
+            k = torch.cat([self.k[layer], k], dim=2)  # (B, nkv, T_past + T_new, hs)
             v = torch.cat([self.v[layer], v], dim=2)
         self.k[layer], self.v[layer] = k, v
         return k, v
@@ -158,8 +108,39 @@ class LayerNorm(nn.Module):
         return kernels.add_layer_norm(x, residual, self.weight, self.bias, self.eps)  # (..., C) each
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019), Llama's and Qwen's norm: ``x / sqrt(mean(x**2) + eps) * weight``.
+
+    LayerNorm without the mean subtraction and without the bias -- a weight is all it holds.
+    """
+
+    def __init__(self, ndim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(ndim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)  # (..., C)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(x + residual), x + residual)`` as one fused op (``kernels.add_rms_norm``)."""
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)  # (..., C) each
+
+
+def make_norm(config: GPTConfig, ndim: int) -> LayerNorm | RMSNorm:
+    """The block's and the final norm: GPT-2's LayerNorm or Llama's RMSNorm, per ``config.norm``."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(ndim, eps=config.norm_eps)
+    return LayerNorm(ndim, bias=config.bias, eps=config.norm_eps)
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention: one Linear makes q, k, v for all heads, one projects back.
+    """Causal self-attention: one Linear makes q, k, v for all heads, one projects back.
+
+    With ``n_kv_head < n_head`` (grouped-query attention, Ainslie et al. 2023) there are fewer key
+    and value heads than query heads; query head h reads k/v head h // (n_head / n_kv_head), which
+    ``kernels.causal_attention`` does without copying k and v.  c_attn's output rows are the query
+    heads, then the key heads, then the value heads, head_dim rows each.
 
     The kernel API has no dropout on the attention probabilities, so ``config.dropout`` is applied
     only after the output projection (GPT-2's ``resid_pdrop``), not to the probabilities (``attn_pdrop``).
@@ -167,55 +148,82 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.layer_idx = layer_idx  # which slot of a KVCache this layer owns
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=config.bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:  # Qwen3: q and k of every head RMS-normalized over head_dim (one weight per layer)
+            self.q_norm = RMSNorm(config.head_dim, eps=config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, eps=config.norm_eps)
+        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C).  ``rope``: (cos, sin), each (T, head_dim / 2), the angles of the
+        T tokens' positions (None: GPT-2, whose positions came in with the embeddings)."""
         B, T, C = x.shape
-        nh, hs = self.n_head, C // self.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)  # (B, T, nh*hs), 2 x (B, T, nkv*hs)
+        q = q.view(B, T, nh, hs)  # (B, T, nh, hs)
+        k = k.view(B, T, nkv, hs)  # (B, T, nkv, hs)
+        v = v.view(B, T, nkv, hs)  # (B, T, nkv, hs)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)  # over each head's hs dims
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs), 2 x (B, nkv, T, hs)
+        if rope is not None:
+            cos, sin = rope  # (T, hs/2) each
+            q, k = kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)  # each pair of dims turned by its angle
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, T_past + T, hs)
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, T_past + T, hs)
         # The mask is aligned bottom-right, so the T new queries see every cached key plus the new
         # keys up to their own position; with no cache this is the ordinary causal mask.
         y = kernels.causal_attention(q, k, v)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
-        return self.resid_dropout(self.c_proj(y))
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh*hs): heads side by side again
+        return self.resid_dropout(self.c_proj(y))  # (B, T, C)
 
 
 class MLP(nn.Module):
+    """GPT-2: ``Linear(C, I) -> GELU -> Linear(I, C)``.  SwiGLU (Shazeer 2020; Llama, Qwen): c_fc makes
+    two I-wide halves, gate and up, and ``silu(gate) * up -> Linear(I, C)``: the gate decides, per hidden
+    unit and token, how much of ``up`` passes."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        I = config.intermediate_size  # noqa: E741
+        self.swiglu = config.mlp == "swiglu"
+        self.c_fc = nn.Linear(config.n_embd, 2 * I if self.swiglu else I, bias=config.bias)  # rows [gate | up]
+        self.c_proj = nn.Linear(I, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GPT-2 was trained with the tanh approximation of GELU ("gelu_new"); the exact erf form
-        # would not reproduce the released checkpoints' logits to fp32 tolerance.
-        h = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, 4C)
+        h = self.c_fc(x)  # (B, T, I), or (B, T, 2I) for SwiGLU
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)  # (B, T, I) each
+            h = kernels.swiglu(gate, up)  # (B, T, I)
+        else:
+            # GPT-2 was trained with the tanh approximation of GELU ("gelu_new"); the exact erf form
+            # would not reproduce the released checkpoints' logits to fp32 tolerance.
+            h = F.gelu(h, approximate="tanh")  # (B, T, I)
         return self.dropout(self.c_proj(h))  # (B, T, C)
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: LayerNorm before each sublayer, identity on the residual path."""
+    """Pre-norm transformer block: a norm before each sublayer, identity on the residual path."""
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias, eps=config.layer_norm_eps)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias, eps=config.layer_norm_eps)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        a = self.attn(self.ln_1(x), kv_cache)  # (B, T, C)
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        a = self.attn(self.ln_1(x), kv_cache, rope)  # (B, T, C)
         # x = x + a; h = ln_2(x) -- fused, so x and a are read once.  Under autocast a comes out of the
         # projection in bf16 while the residual stream x stays fp32: add in fp32, as `x + a` would.
         h, x = self.ln_2.add_forward(a.to(x.dtype), x)  # (B, T, C) each
@@ -226,15 +234,18 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, bias=config.bias, eps=config.layer_norm_eps),
-            )
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos_emb == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=make_norm(config, config.n_embd),
         )
+        self.transformer = nn.ModuleDict(modules)
+        # RoPE has no table to learn: the angles follow from the config (llm/rope.py).
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling) \
+            if config.pos_emb == "rope" else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Activation checkpointing per block (training only): a run setting, not part of the config.
         self.activation_checkpointing = False
@@ -245,7 +256,8 @@ class GPT(nn.Module):
 
         # GPT-2 initialisation: N(0, 0.02) everywhere, zero biases, and the two projections that
         # write into the residual stream scaled by 1/sqrt(2 * n_layer) so that the residual's
-        # variance does not grow with depth (each block adds two such terms).
+        # variance does not grow with depth (each block adds two such terms).  The norms' weights
+        # start at 1.  (Llama and Qwen3 are used here with the same recipe; they ship as weights.)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -264,12 +276,13 @@ class GPT(nn.Module):
         """Number of parameters, shared (tied) ones counted once.
 
         ``non_embedding=True`` leaves out the lookup tables, as scaling-law papers count: the
-        position embedding always, the token embedding only when untied (tied, it is also the LM
-        head's weight and does real matmul work, so it stays in -- nanoGPT's convention).
+        position embedding always (RoPE has none), the token embedding only when untied (tied, it is
+        also the LM head's weight and does real matmul work, so it stays in -- nanoGPT's convention).
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
             if self.lm_head.weight is not self.transformer.wte.weight:
                 n -= self.transformer.wte.weight.numel()
         return n
@@ -328,8 +341,13 @@ class GPT(nn.Module):
                 f"{self.config.block_size}; crop the input to the last {self.config.block_size - past} tokens"
             )
 
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self._embed_tokens(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
+        x = self._embed_tokens(idx)  # (B, T, C)
+        rope = None
+        if self.rotary is None:  # GPT-2: add the learned embedding of each position
+            pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
+            x = x + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
+        else:  # RoPE: positions enter in attention, where q and k are turned by angles that grow with them
+            rope = self.rotary(past, T)  # (cos, sin), (T, head_dim/2) each, of positions past .. past + T - 1
         x = self.transformer.drop(x)
         checkpoint = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
         for block in self.transformer.h:
@@ -338,9 +356,9 @@ class GPT(nn.Module):
                 # activations of one block at a time instead of all of them, for ~1/3 more compute.
                 # Non-reentrant (the form torch.compile and every kernels backend support); the
                 # RNG state is saved and restored, so dropout draws the same masks both times.
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)  # (B, T, C)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope=rope, use_reentrant=False)  # (B, T, C)
             else:
-                x = block(x, kv_cache)  # (B, T, C)
+                x = block(x, kv_cache, rope)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
 
         if return_logits is None:
@@ -365,17 +383,17 @@ class GPT(nn.Module):
             loss = kernels.linear_cross_entropy(x, w, targets, ignore_index=ignore_index)
         return logits, loss
 
-    # ---- Hugging Face GPT-2 checkpoints (the mapping lives in llm/hf.py) -----------------------
+    # ---- Hugging Face checkpoints (the mapping lives in llm/hf.py) ------------------------------
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str | os.PathLike, **overrides) -> GPT:
-        """Load a Hugging Face GPT-2 checkpoint directory (or a hub name when online); see ``llm.hf``."""
+        """Load a Hugging Face checkpoint directory (or a hub name when online); see ``llm.hf``."""
         from .hf import load_pretrained
 
         return load_pretrained(name_or_dir, **overrides)
 
     def save_pretrained(self, save_dir: str | os.PathLike) -> None:
-        """Write config.json + model.safetensors that ``transformers.GPT2LMHeadModel`` loads; see ``llm.hf``."""
+        """Write config.json + model.safetensors that ``transformers`` loads; see ``llm.hf``."""
         from .hf import save_pretrained
 
         save_pretrained(self, save_dir)

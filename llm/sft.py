@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 
 from . import train_setup
 from .finetune_common import (METRICS_NAME, FinetuneConfig, _opt, add_config_args, config_from_args,
-                              finish_and_save, load_start_model, log, maybe_apply_lora, plot, prepare_out_dir,
+                              finish_and_save, load_start_model, load_tokenizer, log, maybe_apply_lora, plot,
+                              prepare_out_dir,
                               require_batches, seeded_generator, setup_device, train_loop, write_test_responses)
 from .instruct import IGNORE_INDEX, INSTRUCTION_KEYS, InstructionDataset, collate, load_records, split_records
 
@@ -78,7 +79,6 @@ def _keep_learnable(ds: InstructionDataset, max_len: int, mask_prompt: bool, spl
 
 def sft(cfg: SFTConfig) -> dict:
     """Run supervised fine-tuning as ``cfg`` says; returns a summary dict (losses, paths, counts)."""
-    from .tokenizer import get_tokenizer
     from .train_log import MetricsLog
 
     cfg.validate()
@@ -97,10 +97,11 @@ def sft(cfg: SFTConfig) -> dict:
         maybe_apply_lora(model, cfg)
         block = model.config.block_size
         max_len = min(cfg.max_length or block, block)
-        tokenizer = get_tokenizer()
+        tokenizer = load_tokenizer(cfg, source, model)
         train_ds = _keep_learnable(InstructionDataset(train, tokenizer), max_len, cfg.mask_prompt, "train")
         val_ds = _keep_learnable(InstructionDataset(val, tokenizer), max_len, cfg.mask_prompt, "val")
-        collate_fn = partial(collate, allowed_max_length=max_len, mask_prompt=cfg.mask_prompt)
+        collate_fn = partial(collate, pad_token_id=tokenizer.eot_token, allowed_max_length=max_len,
+                             mask_prompt=cfg.mask_prompt)
         # drop_last as in the book: every step sees a full batch; the order is reshuffled each epoch
         train_loader = DataLoader(train_ds, cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
                                   generator=seeded_generator(cfg.seed))
@@ -127,8 +128,9 @@ def sft(cfg: SFTConfig) -> dict:
                             step_loss, evaluate, metrics, desc="sft")
         first, final = result["first_eval"]["val_loss"], result["final_eval"]["val_loss"]
         saved = finish_and_save(model, cfg, out_dir, "sft", {"source": source, "step": result["steps"],
-                                                             "initial_val_loss": first, "final_val_loss": final})
-        responses = write_test_responses(model, test, cfg, out_dir, device, autocast)
+                                                             "initial_val_loss": first, "final_val_loss": final,
+                                                             "tokenizer": tokenizer.name})
+        responses = write_test_responses(model, test, cfg, out_dir, device, autocast, tokenizer)
         plot(metrics, out_dir)
     log(f"val loss {first:.4f} -> {final:.4f} in {result['steps']} steps ({result['seconds']:.1f} s); saved {saved}"
         + (f"; test responses {responses}" if responses else ""))

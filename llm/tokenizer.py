@@ -17,6 +17,11 @@ tiktoken downloads the two vocabulary files (``vocab.bpe`` and ``encoder.json``)
 caches them in ``$TIKTOKEN_CACHE_DIR``.  On a machine without internet, put those files there
 yourself (see :data:`GPT2_VOCAB_FILES`); otherwise :func:`get_tokenizer` raises a
 ``RuntimeError`` that says so instead of a long network traceback.
+
+Other tokenizers (Llama 3's, Qwen3's, one you trained) load from a Hugging Face ``tokenizer.json``:
+``get_tokenizer(path)`` with the file or a folder that holds it returns an
+:class:`~llm.hf_tokenizer.HFTokenizer`, which has the same methods.  Every command takes such a
+path as ``--tokenizer``; checkpoints and prepared token files record the tokenizer's ``name``.
 """
 
 from __future__ import annotations
@@ -28,8 +33,12 @@ import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tiktoken
+
+if TYPE_CHECKING:
+    from .hf_tokenizer import HFTokenizer
 
 EOT_TOKEN = 50256
 """Id of ``<|endoftext|>``, the last entry of GPT-2's vocabulary."""
@@ -62,6 +71,13 @@ class Tokenizer:
         self.name: str = encoding.name
         self.n_vocab: int = encoding.n_vocab
         self.eot_token: int = encoding.eot_token
+        self.eos_token_id: int | None = encoding.eot_token  # HFTokenizer's name for it (None there if it has none)
+        self.sha256: str | None = None  # "gpt2" names one fixed vocabulary; a tokenizer.json is known by its hash
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids are in ``[0, vocab_size)``: a model needs at least this many embedding rows."""
+        return self.n_vocab
 
     def encode(self, text: str, *, allow_special: bool = True) -> list[int]:
         """Token ids of ``text``.
@@ -85,21 +101,70 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of a 1-D sequence of token ids (a list, a NumPy array or a 1-D tensor)."""
-        if hasattr(ids, "tolist"):  # torch.Tensor and np.ndarray
-            if getattr(ids, "ndim", 1) != 1:
-                raise ValueError(f"decode expects a 1-D sequence of ids, got shape {tuple(ids.shape)}")
-            ids = ids.tolist()
-        return self._enc.decode(list(ids))
+        return self._enc.decode(as_id_list(ids))
 
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, n_vocab={self.n_vocab})"
 
 
-def get_tokenizer(name: str = "gpt2") -> Tokenizer:
-    """The shared GPT-2 tokenizer (built once per process; a failed attempt is not cached)."""
-    if name != "gpt2":
-        raise ValueError(f"only the 'gpt2' tokenizer is supported, got {name!r}")
-    return _cached_tokenizer(name)
+def as_id_list(ids: Iterable[int]) -> list[int]:
+    """A 1-D sequence of ids (list, NumPy array, 1-D tensor) as a list of ints."""
+    if hasattr(ids, "tolist"):  # torch.Tensor and np.ndarray
+        if getattr(ids, "ndim", 1) != 1:
+            raise ValueError(f"decode expects a 1-D sequence of ids, got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    return list(ids)
+
+
+GPT2 = "gpt2"
+TOKENIZER_HELP = ("'gpt2' (tiktoken's GPT-2 BPE) or the path of a Hugging Face tokenizer.json, or of a folder "
+                  "holding one (e.g. a Llama 3 or Qwen3 model folder)")
+"""What ``--tokenizer`` accepts, for the commands' help texts."""
+
+
+def get_tokenizer(name_or_path: str | os.PathLike = GPT2) -> Tokenizer | HFTokenizer:
+    """The tokenizer ``name_or_path`` names: ``"gpt2"`` (the default) is tiktoken's GPT-2 BPE; anything
+    else is a ``tokenizer.json`` or a folder holding one (FileNotFoundError naming the path if not).
+
+    Both are built once per process and shared (a failed attempt is not cached); a tokenizer.json
+    is loaded again when the file or its ``tokenizer_config.json`` changes on disk.
+    """
+    if os.fspath(name_or_path) == GPT2:
+        return _cached_tokenizer(GPT2)
+    from .hf_tokenizer import CONFIG_FILE, resolve_tokenizer_file
+
+    file = resolve_tokenizer_file(name_or_path)
+    config = file.parent / CONFIG_FILE
+    stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None for p in (file, config))
+    return _cached_hf_tokenizer(str(file), stamp)
+
+
+def folder_tokenizer(folder: str | os.PathLike) -> str:
+    """The tokenizer of a Hugging Face model folder: its tokenizer.json if it has one, else "gpt2"
+    (a folder of weights alone, such as ``GPT.save_pretrained`` writes, is GPT-2's)."""
+    return os.fspath(folder) if (Path(folder) / "tokenizer.json").is_file() else GPT2
+
+
+def checkpoint_tokenizer(ckpt: dict) -> str:
+    """The tokenizer a checkpoint's model was trained with ("gpt2" for one that does not say: the
+    checkpoints written before tokenizers were recorded all used GPT-2's)."""
+    return ckpt.get("tokenizer") or GPT2
+
+
+def check_vocab_fits(vocab_size: int, tokenizer, what: str = "the model") -> None:
+    """ValueError when ``tokenizer`` makes ids a model with ``vocab_size`` embedding rows cannot look up."""
+    if vocab_size < tokenizer.n_vocab:
+        raise ValueError(f"{what} has vocab_size {vocab_size}, fewer than the {tokenizer.n_vocab} ids of tokenizer "
+                         f"{tokenizer.name}: its embedding cannot look them up; use the tokenizer the model was "
+                         "trained with (--tokenizer), or a model with a large enough vocabulary")
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_hf_tokenizer(path: str, stamp: tuple) -> HFTokenizer:
+    # ``stamp`` (the files' mtimes and sizes) is only part of the cache key: an edited file misses the cache.
+    from .hf_tokenizer import HFTokenizer
+
+    return HFTokenizer(path)
 
 
 @functools.cache

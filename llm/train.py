@@ -52,7 +52,11 @@ class TrainConfig:
 
     # -- data and output
     out_dir: str = _opt("out", "folder for ckpt.pt, metrics.jsonl and loss.png")
-    data: str = _opt("tinyshakespeare", "corpus name, text file, folder, glob or hf:<dataset>")
+    data: str = _opt("tinyshakespeare", "corpus name, text file, folder, glob, hf:<dataset>, or a folder "
+                                        "that llm prepare wrote")
+    tokenizer: str | None = _opt(None, "'gpt2' or the path of a Hugging Face tokenizer.json, or of a folder holding "
+                                       "one; a model from scratch gets its vocab_size (None: the --init-from "
+                                       "folder's tokenizer.json if it has one, else gpt2)")
     val_fraction: float = _opt(0.1, "share of the corpus held out for validation")
     init_from: str = _opt("scratch", "'scratch' or a Hugging Face GPT-2 folder to start from")
     resume: bool = _opt(False, "continue from <out_dir>/ckpt.pt (model, optimizer, RNG, data position)")
@@ -126,7 +130,7 @@ class TrainConfig:
 # Settings a resumed run must keep: they decide the model or the stream of training batches, so a
 # change would not continue the run but silently start a different one.
 FIXED_ON_RESUME = ("preset", "n_layer", "n_head", "n_embd", "dropout", "bias", "init_from", "block_size",
-                   "data", "val_fraction", "loader", "seed", "batch_size", "grad_accum_steps")
+                   "data", "val_fraction", "loader", "seed", "batch_size", "grad_accum_steps", "tokenizer")
 # Settings that say how to run, not what: never reported as changes.
 NOT_COMPARED_ON_RESUME = ("out_dir", "resume", "overwrite")
 
@@ -228,6 +232,11 @@ class Trainer:
         if dist.is_main:
             remove_stale_temps(self.ckpt_path)  # temp files of checkpoints killed mid-write
 
+        from .tokenizer import GPT2, check_vocab_fits, folder_tokenizer, get_tokenizer
+
+        # Not given: a Hugging Face folder's own tokenizer.json (Llama 3, Qwen3), or GPT-2's.
+        default = GPT2 if cfg.init_from == "scratch" else folder_tokenizer(cfg.init_from)
+        self.tokenizer = get_tokenizer(cfg.tokenizer or default)
         self._prepare_data()
         if ckpt is not None:
             self._check_same_data(ckpt)
@@ -235,7 +244,9 @@ class Trainer:
         if planned is not None:  # fail before building the model when the splits are too short
             self._check_split_lengths(planned)
         self.precision = train_setup.choose_precision(device, cfg.dtype)
-        model = train_setup.build_model(cfg, ckpt)
+        vocab = None if self.tokenizer.name == GPT2 else self.tokenizer.n_vocab  # from scratch: the tokenizer's
+        model = train_setup.build_model(cfg, ckpt, vocab_size=vocab)
+        check_vocab_fits(model.config.vocab_size, self.tokenizer)
         model.activation_checkpointing = cfg.activation_checkpointing
         self.memory_note = self._check_memory(model, planned or cfg.block_size or model.config.block_size)
         self.raw_model = model.to(device)
@@ -299,7 +310,7 @@ class Trainer:
         dtype = torch.float32 if self.precision.name == "float32" else self.precision.dtype
         hidden = torch.empty(cfg.batch_size * block_size, c.n_embd, device="meta", dtype=dtype)
         head = torch.empty(c.vocab_size, c.n_embd, device="meta", dtype=dtype)
-        q = torch.empty(cfg.batch_size, c.n_head, block_size, c.n_embd // c.n_head, device="meta", dtype=dtype)
+        q = torch.empty(cfg.batch_size, c.n_head, block_size, c.head_dim, device="meta", dtype=dtype)
         est = memory.estimate_training_memory(
             c, model.num_parameters(), batch_size=cfg.batch_size, block_size=block_size,
             precision=self.precision.name, ce_backend=backend_for("linear_cross_entropy", self.device, hidden, head),
@@ -329,6 +340,8 @@ class Trainer:
                 f"cannot resume {self.ckpt_path}: the training data changed since the run started "
                 f"(--data {self.cfg.data}: sha256 {now[:16]}... now, {was[:16]}... in the checkpoint); "
                 "put the original data back, or start a new run with --overwrite or another --out-dir")
+        if ckpt.get("data_meta"):  # a tokenizer.json edited in place since: same name, other ids
+            self.data.check_tokenizer(ckpt["data_meta"], self.tokenizer, f"the run in {self.ckpt_path}")
 
     def _check_split_lengths(self, block_size: int) -> None:
         """A clear error when a split cannot hold one window (the loader's own error blames the data)."""
@@ -345,7 +358,7 @@ class Trainer:
         # Rank 0 tokenizes (and caches) first; the others then read its cache instead of racing it.
         if not self.dist.is_main:
             torch.distributed.barrier()
-        prepared = data.prepare(self.cfg.data, val_fraction=self.cfg.val_fraction,
+        prepared = data.prepare(self.cfg.data, val_fraction=self.cfg.val_fraction, tokenizer=self.tokenizer,
                                 progress=self.cfg.progress and self.dist.is_main)
         if self.dist.is_main and self.dist.enabled:
             torch.distributed.barrier()
@@ -513,14 +526,13 @@ class Trainer:
         if not self.dist.is_main:
             return None
         from .generate import generate_text
-        from .tokenizer import get_tokenizer
 
         cfg = self.cfg
         # Its own generator, seeded by the step: sampling never shifts the training RNG streams.
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed + self.step)
         self.raw_model.eval()
         with self.autocast():
-            text = generate_text(self.raw_model, get_tokenizer(), [cfg.sample_prompt], cfg.sample_tokens,
+            text = generate_text(self.raw_model, self.tokenizer, [cfg.sample_prompt], cfg.sample_tokens,
                                  temperature=0.8, top_k=200, generator=gen)[0]
         self.raw_model.train()
         self._print(f"--- sample at step {self.step} ---\n{text}\n---")
@@ -549,6 +561,7 @@ class Trainer:
             "loader": to_plain(self.loader.state_dict()),
             "loader_mode": self.loader_mode,
             "train_config": asdict(self.cfg),
+            "tokenizer": self.tokenizer.name,  # what llm generate / eval use by default (an absolute path, or "gpt2")
             "data_meta": to_plain(dict(self.prepared.meta)),
             "initial_val_loss": self.initial_val_loss,
             "unigram_loss": self.unigram,

@@ -147,8 +147,11 @@ def kernels_backend(name: str):
         yield
 
 
-def build_model(cfg, ckpt: dict | None):
-    """The GPT to train: from a checkpoint (resume), a preset plus overrides, or a Hugging Face folder."""
+def build_model(cfg, ckpt: dict | None, vocab_size: int | None = None):
+    """The GPT to train: from a checkpoint (resume), a preset plus overrides, or a Hugging Face folder.
+
+    ``vocab_size`` (the tokenizer's, when it is not GPT-2's) sizes a model from scratch unless an
+    override sets it; a checkpoint or pretrained weights keep their own."""
     from .model import GPT, GPTConfig
 
     if ckpt is not None:
@@ -159,6 +162,8 @@ def build_model(cfg, ckpt: dict | None):
     if cfg.block_size is not None:
         overrides["block_size"] = cfg.block_size
     if cfg.init_from == "scratch":
+        if vocab_size is not None:
+            overrides.setdefault("vocab_size", vocab_size)
         return GPT(GPTConfig.from_preset(cfg.preset, **overrides))
     # Pretrained weights fix the shapes: only dropout and a shorter block_size may change.
     fixed = sorted(set(overrides) - {"dropout", "block_size"})

@@ -96,3 +96,51 @@ class LowPrecisionRule:
 @pytest.fixture
 def lowp(request):
     return LowPrecisionRule(request)
+
+
+# ------------------------------------------------------------------------------ a tokenizer.json
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+"""The pre-tokenizer regex of Llama 3's tokenizer.json (Qwen's differs only in splitting digits one by one)."""
+
+
+def train_tiny_tokenizer(folder, *, vocab_size: int = 300, special_tokens=("<|endoftext|>",),
+                         pattern: str | None = None, extra_text=()):
+    """A byte-level BPE trained (in milliseconds) on tinyshakespeare's first 400 lines, saved as
+    ``folder/tokenizer.json``; returns that path.  The special tokens take the first ids.
+
+    Byte-level like GPT-2's, Llama 3's and Qwen's: every text encodes.  ``pattern`` is a
+    pre-tokenizer regex split before the byte mapping, as Llama 3's file has; without it the byte
+    level uses GPT-2's own regex.  ``extra_text`` is trained on too (to get particular merges).
+    """
+    from pathlib import Path
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from llm.data import fetch_corpus
+
+    tok = Tokenizer(models.BPE())
+    if pattern is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    lines = fetch_corpus("tinyshakespeare").read_text(encoding="utf-8").splitlines()[:400]
+    tok.train_from_iterator([*lines, *extra_text], trainer)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(tmp_path_factory):
+    """A folder holding a 300-id tokenizer.json whose id 0 is <|endoftext|> (a stand-in for a model folder)."""
+    folder = tmp_path_factory.mktemp("hf-tokenizer")
+    train_tiny_tokenizer(folder)
+    return folder

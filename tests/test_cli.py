@@ -87,6 +87,15 @@ def test_pretrain_help_lists_every_option_with_its_default(capsys, monkeypatch):
     assert text.count("(default:") >= len(fields(TrainConfig))
 
 
+def test_every_command_that_tokenizes_takes_a_tokenizer(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    for command in (["prepare"], ["pretrain"], ["generate"], ["sft"], ["dpo"], ["eval", "perplexity"], ["eval", "mc"]):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--tokenizer" in text and "Hugging Face tokenizer.json" in text, command
+
+
 def test_bad_values_exit_2_without_traceback(tmp_path, capsys):
     assert main(["pretrain", *TINY, "--batch-size", "0", "--out-dir", str(tmp_path)]) == 2
     assert "batch_size must be >= 1" in capsys.readouterr().err

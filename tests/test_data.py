@@ -28,6 +28,7 @@ from llm.data import (
     resolve_source,
     sha256_file,
     split_for_tokenizer,
+    token_dtype,
     unigram_loss,
 )
 from llm.tokenizer import EOT_TOKEN, get_tokenizer
@@ -269,6 +270,32 @@ def test_prepare_single_file_and_val_split(tok, cache, verdict_path):
     assert prepared.dir.parent == cache / "tokens" and prepared.dir.name.startswith("the-verdict-")
     assert json.loads((prepared.dir / "meta.json").read_text()) == meta
     assert unigram_loss(train, val) < math.log(50257)
+
+
+class BigVocabTokenizer:
+    """A stand-in for Llama 3's 128,256 ids: every character becomes an id above 65,535."""
+
+    name, n_vocab, eot_token = "big-vocab-test", 128_256, 128_001
+
+    def encode(self, text):
+        return [100_000 + ord(c) for c in text]
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+
+def test_token_files_are_uint32_for_a_vocabulary_over_65536(tmp_path, cache):
+    assert token_dtype(50257) == np.uint16 and token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32 and token_dtype(151_669) == np.uint32
+    write(tmp_path / "docs" / "a.txt", "abc")
+    write(tmp_path / "docs" / "b.txt", "de")
+    prepared = prepare(str(tmp_path / "docs"), val_fraction=0.25, tokenizer=BigVocabTokenizer(), progress=False)
+    train, val = prepared.train_tokens(), prepared.val_tokens()
+    assert prepared.meta["dtype"] == "uint32" and train.dtype == val.dtype == np.uint32
+    assert train.tolist() + val.tolist() == [100_097, 100_098, 100_099, 128_001, 100_100, 100_101]
+    assert prepared.train_path.stat().st_size == 4 * len(train)
+    again = prepare(str(tmp_path / "docs"), val_fraction=0.25, tokenizer=BigVocabTokenizer(), progress=False)
+    assert again.dir == prepared.dir and again.meta["created"] == prepared.meta["created"]  # reused, complete
 
 
 def test_prepare_folder_joins_documents_with_eot(tmp_path, tok, cache):

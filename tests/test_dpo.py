@@ -124,3 +124,12 @@ def test_cli_run_with_unmerged_lora(start_checkpoint, tmp_path):
     assert got["reward_margin"] == pytest.approx(evals[1]["val_reward_margin"], abs=1e-5)
     with pytest.raises(ValueError, match="config"):
         load_lora_checkpoint(GPT(GPTConfig.from_preset("tiny", n_layer=1)), tmp_path / "lora.pt")
+
+
+def test_answers_end_with_the_tokenizers_own_end_of_text(hf_tokenizer_dir):
+    tok = get_tokenizer(hf_tokenizer_dir)  # a tokenizer.json whose end-of-text id is 0, not GPT-2's 50256
+    ds = PreferenceDataset(load_records("instruction-data-with-preference", PREFERENCE_KEYS, limit=3), tok)
+    for _, chosen, rejected in ds.items:
+        assert chosen[-1] == rejected[-1] == tok.eot_token == 0 and 0 not in chosen[:-1]
+    idx, _ = collate_pairs(ds.items, pad_token_id=tok.eot_token)
+    assert int(idx.max()) < tok.n_vocab

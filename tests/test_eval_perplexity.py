@@ -136,6 +136,20 @@ def test_token_files(tmp_path, tokens):
         load_tokens(str(tmp_path / "f.npy"))
 
 
+def test_a_prepared_bin_is_read_with_its_meta_dtype_and_checked_tokenizer(tmp_path):
+    from types import SimpleNamespace
+
+    np.array([1, 70_000, 5], dtype=np.uint32).tofile(tmp_path / "train.bin")
+    (tmp_path / "meta.json").write_text('{"dtype": "uint32", "tokenizer": "big", "n_vocab": 128256}')
+    assert load_tokens(str(tmp_path / "train.bin")).tolist() == [1, 70_000, 5]
+    big = SimpleNamespace(name="big", n_vocab=128256)
+    assert load_tokens(str(tmp_path / "train.bin"), tokenizer=big).tolist() == [1, 70_000, 5]
+    with pytest.raises(ValueError, match="was made by tokenizer 'big' \\(128256 ids\\), not by 'gpt2'"):
+        load_tokens(str(tmp_path / "train.bin"), tokenizer=SimpleNamespace(name="gpt2", n_vocab=50257))
+    (tmp_path / "meta.json").unlink()  # no meta.json: the dtype prepare would write for the tokenizer
+    assert load_tokens(str(tmp_path / "train.bin"), tokenizer=big).tolist() == [1, 70_000, 5]
+
+
 def test_corpus_splits_partition_the_stream(tmp_path):
     text = tmp_path / "story.txt"
     text.write_text("It was a dark and stormy night; the rain fell in torrents. " * 20)

@@ -20,6 +20,16 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
+class NoEosTokenizer(ByteTokenizer):
+    """Like a tokenizer.json without an end-of-text token: eos_token_id None, and eot_token raises."""
+
+    eos_token_id = None
+
+    @property
+    def eot_token(self):
+        raise ValueError("this tokenizer has no end-of-text token")
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -84,6 +94,24 @@ def test_kv_cache_greedy_equals_recompute(model, T, n):
     uncached = generate(model, idx, n, temperature=0, use_cache=False)
     assert cached.shape == (3, T + n)
     assert torch.equal(cached[:, :T], idx)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.fixture(scope="module", params=["llama-tiny", "qwen3-tiny"])
+def rope_model(request):
+    """The Llama 3 / Qwen3 architectures (RoPE, grouped-query attention, Qwen3's q/k norms), made smaller."""
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset(request.param, vocab_size=257, block_size=16, n_layer=2)
+    return GPT(cfg).eval()
+
+
+@pytest.mark.parametrize("T, n", [(5, 8), (5, 30), (20, 6)])  # inside, crossing, and starting past block_size
+def test_kv_cache_greedy_equals_recompute_with_rope_and_gqa(rope_model, T, n):
+    assert rope_model.rotary is not None and rope_model.config.n_kv_head < rope_model.config.n_head
+    idx = prompt(B=3, T=T)
+    cached = generate(rope_model, idx, n, temperature=0, use_cache=True)
+    uncached = generate(rope_model, idx, n, temperature=0, use_cache=False)
+    assert cached.shape == (3, T + n) and torch.equal(cached[:, :T], idx)
     assert torch.equal(cached, uncached)
 
 
@@ -172,3 +200,13 @@ def test_stream_text_with_gpt2_tokenizer():
     gpt = GPT(GPTConfig.from_preset("tiny"))
     pieces = list(stream_text(gpt, enc, "To be, or not", max_new_tokens=12, temperature=0))
     assert "".join(pieces) == generate_text(gpt, enc, "To be, or not", max_new_tokens=12, temperature=0)[0]
+
+
+def test_a_tokenizer_without_eos_generates_to_max_new_tokens(model):
+    tok = NoEosTokenizer()
+    with pytest.raises(ValueError, match="no end-of-text token"):
+        generate_text(model, tok, "", 4)  # an empty prompt needs the end-of-text token to condition on
+    text = generate_text(model, tok, "ab", 6, temperature=0.0)[0]
+    assert text == "".join(stream_text(model, tok, "ab", 6, temperature=0.0))
+    ids = generate(model, torch.tensor([[97, 98]]), 6, temperature=0.0, eos_token_id=None)[0, 2:].tolist()
+    assert len(ids) == 6 and text == tok.decode(ids)  # all six: no eos to stop at

@@ -53,6 +53,35 @@ def test_the_estimate_is_close_to_the_measured_peak(backend, vocab, precision):
     assert est.activations(True) < est.activations(False)
 
 
+@pytest.mark.parametrize("backend", ["torch", "pytorch"])
+@pytest.mark.parametrize("vocab,precision", [(512, "float32"), (50257, "bfloat16")])
+@pytest.mark.parametrize("arch", [
+    dict(norm="rmsnorm", pos_emb="rope", mlp="swiglu", bias=False, n_kv_head=2, intermediate_size=172),  # Llama 3
+    dict(norm="rmsnorm", pos_emb="rope", mlp="swiglu", bias=False, n_kv_head=2, intermediate_size=192,
+         head_dim=32, qk_norm=True),  # Qwen3: 4 heads of 32 > n_embd 64
+], ids=["llama", "qwen3"])
+def test_the_estimate_follows_gqa_head_dim_and_swiglu(backend, vocab, precision, arch):
+    torch.manual_seed(0)
+    # untied: the tied embedding's CPU gradient is sparse (llm.model.GPT._embed_tokens), and the memory
+    # tracker cannot read a sparse tensor's storage
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=64, n_layer=6, n_head=4, n_embd=64, tie_weights=False, **arch))
+    x, y = _batch(vocab)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16")
+    with kernels.backend(backend), autocast:
+        est = memory.estimate_training_memory(model.config, model.num_parameters(), batch_size=4, block_size=64,
+                                              precision=precision, ce_backend=backend, attention_backend=backend)
+        for checkpointing in (False, True):
+            measured = _activations_measured(model, x, y, checkpointing)
+            estimated = est.activations(checkpointing)
+            assert 0.8 < estimated / measured < 1.8, (checkpointing, estimated, measured)
+
+
+def test_block_values_per_token():
+    assert memory.block_values_per_token(GPTConfig(n_embd=64, n_head=4)) == 16 * 64  # GPT-2's 16 C
+    llama = GPTConfig.from_preset("llama-tiny")  # 4C + (q + 2kv) + q + rotated (q + kv) + 3I
+    assert memory.block_values_per_token(llama) == 4 * 128 + (128 + 2 * 64) + 128 + (128 + 64) + 3 * 344
+
+
 # ----------------------------------------------------------------------------- activation checkpointing
 
 def _loss_and_grads(model, x, y, checkpointing, seed=5):
@@ -82,8 +111,13 @@ def test_checkpointing_gives_the_same_loss_and_gradients(backend):
         torch.testing.assert_close(grads_ck[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_checkpointing_compiles():
-    model = _model(vocab=128, n_layer=2)
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+def test_checkpointing_compiles(arch):
+    if arch == "gpt2":
+        model = _model(vocab=128, n_layer=2)
+    else:  # RoPE's angles, GQA, q/k norms and SwiGLU under torch.compile, checkpointed
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.from_preset("qwen3-tiny", vocab_size=128, n_layer=2, block_size=64))
     x, y = _batch(128, B=2, T=16)
     loss, grads = _loss_and_grads(model, x, y, checkpointing=False)
     compiled = torch.compile(model)

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from llm.checkpoint import load_checkpoint, load_model
+from llm.checkpoint import FORMAT, atomic_save, load_checkpoint, load_model
 from llm.instruct import load_records, split_records
 from llm.model import GPT, GPTConfig
 from llm.sft import SFTConfig, add_sft_args, run_sft, sft
+from llm.tokenizer import get_tokenizer
 
 # A tiny model on real records; sequences cut at 64 tokens (every prompt of the first 40 fits, so
 # mask_prompt drops none) keep a step cheap: the (B*T, 50257) logits are most of the work.
@@ -116,3 +117,19 @@ def test_start_model_from_hf_folder_and_checkpoint(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), model.state_dict().values()))
     with pytest.raises(FileNotFoundError, match="no such folder"):
         load_start_model(SFTConfig(hf_model=str(tmp_path / "nope")))
+
+
+def test_a_checkpoint_trained_with_a_tokenizer_json_is_fine_tuned_with_it(hf_tokenizer_dir, tmp_path):
+    tok = get_tokenizer(hf_tokenizer_dir)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=16))
+    start = tmp_path / "start.pt"
+    atomic_save({"format": FORMAT, "model": model.state_dict(), "model_config": model.config.to_dict(),
+                 "tokenizer": tok.name}, start)
+    run = dict(checkpoint=str(start), limit=20, batch_size=2, max_length=64, max_steps=2, eval_iters=1,
+               max_new_tokens=2, num_test_responses=1, device="cpu", progress=False)
+    sft(SFTConfig(**run, out_dir=str(tmp_path / "out")))  # no --tokenizer: the checkpoint's own
+    ckpt = load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["tokenizer"] == tok.name and ckpt["source"]["tokenizer"] == tok.name
+    with pytest.raises(ValueError, match="vocab_size 300, fewer than the 50257 ids of tokenizer gpt2"):
+        sft(SFTConfig(**run, tokenizer="gpt2", out_dir=str(tmp_path / "gpt2")))

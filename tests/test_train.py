@@ -79,6 +79,21 @@ def test_loss_decreases_on_the_verdict(tmp_path):
     assert not model.training and model.config.block_size == 32
 
 
+@pytest.mark.parametrize("preset", ["llama-tiny", "qwen3-tiny"])
+def test_llama_and_qwen3_presets_learn(tmp_path, preset):
+    """The Llama 3 and Qwen3 architectures (RMSNorm, RoPE, SwiGLU, GQA; Qwen3's q/k norms) train with
+    the same loop, save and load back."""
+    summary = train(tiny_cfg(tmp_path, preset=preset, max_steps=30, eval_iters=4))
+    losses = summary["losses"]
+    assert len(losses) == 30
+    assert losses[0] == pytest.approx(math.log(50257), abs=0.3)
+    assert sum(losses[-5:]) / 5 < losses[0] - 2.0
+    assert summary["final_val_loss"] < summary["initial_val_loss"] - 2.0
+    assert summary["final_val_loss"] < summary["unigram_loss"]
+    model = load_model(tmp_path / "ckpt.pt")
+    assert model.config == GPTConfig.from_preset(preset, block_size=32) and model.rotary is not None
+
+
 @pytest.mark.parametrize("loader", ["random", "sliding"])
 def test_resume_is_bitwise_identical(tmp_path, loader):
     # Dropout makes the torch RNG matter; evals and samples in between must not disturb it.

@@ -4,7 +4,7 @@ The pipeline, one module per step::
 
     corpora.py     named corpora: download, sha256 check, data_dir() / cache_dir()
     sources.py     "tinyshakespeare" | "a.txt" | "folder/" | "*.txt" | "hf:name" -> documents
-    tokenfiles.py  documents -> train.bin / val.bin (uint16 token files, tokenized once, cached)
+    tokenfiles.py  documents -> train.bin / val.bin (uint16/uint32 token files, tokenized once, cached)
     loaders.py     token files -> (x, y) batches: the book's sliding windows or random windows
 
 Typical use::
@@ -34,7 +34,7 @@ from .loaders import (
     unigram_loss,
 )
 from .sources import Document, resolve_source
-from .tokenfiles import Prepared, prepare, source_identity, split_for_tokenizer
+from .tokenfiles import Prepared, check_tokenizer, prepare, source_identity, split_for_tokenizer, token_dtype
 
 __all__ = [
     "CORPORA",
@@ -46,6 +46,7 @@ __all__ = [
     "TokenLoader",
     "as_token_array",
     "cache_dir",
+    "check_tokenizer",
     "create_dataloader",
     "data_dir",
     "fetch_corpus",
@@ -56,5 +57,6 @@ __all__ = [
     "sha256_file",
     "source_identity",
     "split_for_tokenizer",
+    "token_dtype",
     "unigram_loss",
 ]

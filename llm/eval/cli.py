@@ -32,6 +32,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="training checkpoint to evaluate")
     src.add_argument("--hf-model", default=None, metavar="DIR", help="Hugging Face GPT-2 folder instead")
+    from ..tokenizer import TOKENIZER_HELP
+
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help=f"{TOKENIZER_HELP}; if not given, the one the checkpoint was trained with, or the "
+                        "--hf-model folder's tokenizer.json (gpt2 if it has none)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--out", default=None, help="results JSON; if not given, eval_<task>.json beside the model")
     p.add_argument("--limit", type=int, default=None,
@@ -92,18 +97,22 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_model(args, device):
-    """(model, description of where it came from) for --hf-model or --checkpoint."""
+    """(model, description of where it came from) for --hf-model or --checkpoint; the description's
+    ``tokenizer`` is the one the model was trained with."""
     from ..checkpoint import load_checkpoint, model_from_checkpoint
     from ..model import GPT
+    from ..tokenizer import checkpoint_tokenizer, folder_tokenizer
 
     if args.hf_model is not None:
         if not os.path.isdir(args.hf_model):
             raise FileNotFoundError(f"--hf-model {args.hf_model}: no such folder")
         model = GPT.from_pretrained(args.hf_model).to(device).eval()
-        return model, {"kind": "hf", "path": os.path.abspath(args.hf_model)}
+        return model, {"kind": "hf", "path": os.path.abspath(args.hf_model),
+                       "tokenizer": folder_tokenizer(args.hf_model)}
     path = args.checkpoint
     ckpt = load_checkpoint(path)
-    source = {"kind": "checkpoint", "path": os.path.abspath(path), "step": ckpt.get("step")}
+    source = {"kind": "checkpoint", "path": os.path.abspath(path), "step": ckpt.get("step"),
+              "tokenizer": checkpoint_tokenizer(ckpt)}
     return model_from_checkpoint(ckpt, device), source
 
 
@@ -128,7 +137,8 @@ def _run_task(args, model, tokenizer) -> tuple[dict, dict, list]:
     if args.task == "perplexity":
         from .perplexity import load_tokens, perplexity
 
-        tokens = load_tokens(args.source, split=args.split, val_fraction=args.val_fraction, progress=args.progress)
+        tokens = load_tokens(args.source, split=args.split, val_fraction=args.val_fraction, progress=args.progress,
+                             tokenizer=tokenizer)
         if args.limit is not None:
             tokens = tokens[: args.limit]
         metrics = perplexity(model, tokens, block_size=args.block_size, stride=args.stride,
@@ -193,10 +203,12 @@ def run_eval(args: argparse.Namespace) -> int:
 
         check_can_run(_humaneval_limits(args))
     if not (args.task == "humaneval" and args.canonical):
-        from ..tokenizer import get_tokenizer
+        from ..tokenizer import check_vocab_fits, get_tokenizer
 
         model, source = _load_model(args, device)
-        tokenizer = get_tokenizer()
+        tokenizer = get_tokenizer(args.tokenizer or source["tokenizer"])
+        check_vocab_fits(model.config.vocab_size, tokenizer)
+        source["tokenizer"] = tokenizer.name  # the results record the one used
     metrics, config, items = _run_task(args, model, tokenizer)
     seconds = time.time() - started
 

@@ -25,21 +25,24 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import as_token_array, prepare
-from ..data.tokenfiles import TOKEN_DTYPE
+from ..data.tokenfiles import check_tokenizer, open_prepared, prepared_folder, token_dtype
 
 __all__ = ["load_tokens", "perplexity", "window_plan"]
 
 TOKEN_FILE_SUFFIXES = (".bin", ".npy")
 
 
-def load_tokens(source: str, *, split: str = "all", val_fraction: float = 0.1, progress: bool = True) -> np.ndarray:
-    """The 1-D token stream of ``source``.
+def load_tokens(source: str, *, split: str = "all", val_fraction: float = 0.1, progress: bool = True,
+                tokenizer=None) -> np.ndarray:
+    """The 1-D token stream of ``source``, tokenized by ``tokenizer`` (default GPT-2's).
 
-    ``.bin`` (flat uint16, what ``llm.data.prepare`` writes) and ``.npy`` files are token files,
-    used as they are.  Anything else is a corpus source for ``llm.data.prepare`` (a corpus name, a
-    text file, a folder, a glob, ``hf:...``): it is tokenized (once, cached) and ``split`` picks
-    ``"all"`` of it, or the ``"train"`` / ``"val"`` part of a ``val_fraction`` split -- the same split
-    training made when it used the same ``val_fraction``.
+    ``.bin`` (flat uint16, or uint32 for a vocabulary over 65,536 ids: what ``llm.data.prepare``
+    writes; the meta.json beside it, when there is one, gives the dtype and is checked to name
+    ``tokenizer``) and ``.npy`` files are token files, used as they are; so is a folder that
+    ``llm prepare`` wrote (``split`` picks from its own split).  Anything else is a corpus source for
+    ``llm.data.prepare`` (a corpus name, a text file, a folder, a glob, ``hf:...``): it is tokenized
+    (once, cached) and ``split`` picks ``"all"`` of it, or the ``"train"`` / ``"val"`` part of a
+    ``val_fraction`` split -- the same split training made when it used the same ``val_fraction``.
     """
     if split not in ("all", "train", "val"):
         raise ValueError(f"split must be 'all', 'train' or 'val', got {split!r}")
@@ -49,16 +52,42 @@ def load_tokens(source: str, *, split: str = "all", val_fraction: float = 0.1, p
             raise FileNotFoundError(f"no such token file: {source}")
         if path.suffix == ".npy":
             tokens = np.load(path, mmap_mode="r")
-        elif path.stat().st_size % np.dtype(TOKEN_DTYPE).itemsize:
-            raise ValueError(f"{source}: size {path.stat().st_size} is not a whole number of uint16 tokens")
         else:
-            tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r") if path.stat().st_size else np.zeros(0, TOKEN_DTYPE)
+            tokens = _read_bin(path, tokenizer)
         if not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(f"{source}: token ids must be integers, got dtype {tokens.dtype}")
         return as_token_array(tokens)
+    folder = prepared_folder(source)
+    if folder is not None:
+        from ..tokenizer import get_tokenizer
+
+        prepared = open_prepared(folder, tokenizer or get_tokenizer())
+        if split == "all":
+            return np.concatenate([prepared.train_tokens(), prepared.val_tokens()])
+        return prepared.val_tokens() if split == "val" else prepared.train_tokens()
     # "all" needs no split, but prepare always makes one; train + val is the whole stream in order.
-    prepared = prepare(source, val_fraction=0.0 if split == "all" else val_fraction, progress=progress)
+    prepared = prepare(source, val_fraction=0.0 if split == "all" else val_fraction, progress=progress,
+                       tokenizer=tokenizer)
     return prepared.val_tokens() if split == "val" else prepared.train_tokens()
+
+
+def _read_bin(path: Path, tokenizer) -> np.ndarray:
+    """A flat token file: of the dtype its folder's meta.json gives (after checking the tokenizer),
+    else of the dtype ``llm prepare`` would have written for ``tokenizer`` (uint16 when None)."""
+    meta_path = path.parent / "meta.json"
+    if meta_path.is_file():
+        import json
+
+        meta = json.loads(meta_path.read_text())
+        if tokenizer is not None:
+            check_tokenizer(meta, tokenizer, f"{path} (see {meta_path})")
+        dtype = np.dtype(meta.get("dtype", "uint16"))
+    else:
+        dtype = token_dtype(tokenizer.n_vocab) if tokenizer is not None else np.dtype(np.uint16)
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise ValueError(f"{path}: size {size} is not a whole number of {dtype.name} tokens")
+    return np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
 
 
 def window_plan(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
