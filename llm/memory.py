@@ -163,8 +163,19 @@ def measure_peak(step, *modules: torch.nn.Module) -> int:
     temporaries alike."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    tracker = MemTracker()
-    tracker.track_external(*modules)
-    with tracker:
-        step()
+    # The tracker cannot follow a sparse tensor's storage, and on a CPU a GPT with a tied head makes
+    # its embedding's gradient sparse inside autograd (GPT._embed_tokens): measure the dense form, the
+    # one every other device runs (it holds one more (V, C) matrix for a moment, so this errs high).
+    gpts = [m for module in modules for m in module.modules() if hasattr(m, "sparse_embedding_grad")]
+    saved = [m.sparse_embedding_grad for m in gpts]
+    for m in gpts:
+        m.sparse_embedding_grad = False
+    try:
+        tracker = MemTracker()
+        tracker.track_external(*modules)
+        with tracker:
+            step()
+    finally:
+        for m, value in zip(gpts, saved):
+            m.sparse_embedding_grad = value
     return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]

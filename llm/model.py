@@ -231,6 +231,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    # On a CPU with a tied head, the token lookup's gradient is sparse inside autograd (_embed_tokens);
+    # False forces the dense form (llm.memory.measure_peak does, as its tracker cannot follow sparse tensors).
+    sparse_embedding_grad: bool = True
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -304,7 +308,8 @@ class GPT(nn.Module):
         cost next to nothing, and dense keeps torch.compile and FSDP on their well-trodden path.
         """
         wte = self.transformer.wte.weight
-        sparse = idx.device.type == "cpu" and self.lm_head.weight is wte and not torch.compiler.is_compiling()
+        sparse = (self.sparse_embedding_grad and idx.device.type == "cpu" and self.lm_head.weight is wte
+                  and not torch.compiler.is_compiling())
         return F.embedding(idx, wte, sparse=sparse)
 
     def forward(

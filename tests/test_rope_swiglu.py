@@ -378,7 +378,8 @@ def test_swiglu_saturating_and_non_finite_gates(backend, dtype):
         # infinite up, d silu / d gate = 1/2 makes dgate +-inf here, while the reference's autograd (the
         # product rule of gate * sigmoid(gate)) adds inf * 1/2 and (inf * 0) * 1/4 = NaN
         finite = torch.isfinite(b)
-        assert torch.equal(torch.isfinite(a), finite), f"{name}: non-finite at {(~torch.isfinite(a)).nonzero().tolist()}, reference at {(~finite).nonzero().tolist()}"
+        assert torch.equal(torch.isfinite(a), finite), \
+            f"{name}: non-finite at {(~torch.isfinite(a)).nonzero().tolist()}, reference at {(~finite).nonzero().tolist()}"
         _close(torch.where(finite, a, 0), torch.where(finite, b, 0), dtype, name, tol)
 
 
