@@ -6,6 +6,10 @@
     llm eval TASK [--flags]       perplexity | mc | gsm8k | humaneval, a table and a results JSON
     llm sft [--flags]             instruction fine-tuning (Alpaca format), full or LoRA
     llm dpo [--flags]             preference tuning on chosen/rejected pairs
+    llm classify [--flags]        fine-tune for classification (SMS spam), or classify one text
+    llm chat --checkpoint CKPT    interactive chat with an instruction-tuned model
+    llm tokenizer train --data SOURCE --vocab-size N --out DIR    train a byte-level BPE tokenizer
+    llm export hf|gguf CKPT OUT   a Hugging Face folder or a GGUF file
 
 Subcommands live in :data:`COMMANDS` (name -> (help, add_arguments, run)).  User mistakes (a missing checkpoint, a bad value) print one
 ``error:`` line and exit 2 instead of a traceback; set ``LLM_DEBUG=1`` to see the traceback.
@@ -209,6 +213,14 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "sft": ("supervised instruction fine-tuning (full or LoRA)", _lazy("sft", "add_sft_args"), _lazy("sft", "run_sft")),
     "dpo": ("direct preference optimization on chosen/rejected pairs", _lazy("dpo", "add_dpo_args"),
             _lazy("dpo", "run_dpo")),
+    "classify": ("fine-tune a GPT as a text classifier (the book's spam classifier), or --predict with one",
+                 _lazy("classify", "add_classify_args"), _lazy("classify", "run_classify")),
+    "chat": ("talk to an instruction-tuned checkpoint (Alpaca template, streamed)", _lazy("chat", "add_chat_args"),
+             _lazy("chat", "run_chat")),
+    "tokenizer": ("train a byte-level BPE tokenizer on a corpus (tiktoken format)", _lazy("bpe", "add_tokenizer_args"),
+                  _lazy("bpe", "run_tokenizer")),
+    "export": ("export a checkpoint: a Hugging Face folder (hf) or a llama.cpp file (gguf)",
+               _lazy("export", "add_export_args"), _lazy("export", "run_export")),
 }
 
 
