@@ -28,7 +28,12 @@ train: install
 	$(BIN)/llm pretrain --overwrite
 	$(BIN)/llm generate --prompt "ROMEO:" --max-new-tokens 100
 
-test: install
+# The optional extras (GGUF export, TensorBoard, lm-eval) are installed for the tests of what uses them.
+$(VENV)/.extras: $(VENV)/.installed requirements-extras.txt
+	$(BIN)/pip install -r requirements-extras.txt
+	touch $@
+
+test: install $(VENV)/.extras
 	$(BIN)/python -m pytest
 
 # The Triton tests again with the GPU machines' triton 3.6 (beside a CPU torch 2.13), in a venv of their
