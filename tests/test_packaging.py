@@ -18,11 +18,15 @@ def test_top_level_layout():
         assert (ROOT / pkg / "__init__.py").is_file()
 
 
-def test_requirements_are_pinned_exactly():
-    lines = [l.split("#")[0].strip() for l in (ROOT / "requirements.txt").read_text().splitlines()]
+@pytest.mark.parametrize("file, needed", [
+    ("requirements.txt", {"torch", "triton", "tiktoken", "ninja", "numpy", "tqdm", "pytest", "pytest-benchmark"}),
+    ("requirements-extras.txt", {"gguf", "tensorboard", "lm-eval"}),
+])
+def test_requirements_are_pinned_exactly(file, needed):
+    lines = [l.split("#")[0].strip() for l in (ROOT / file).read_text().splitlines()]
     reqs = [l.split(";")[0].strip() for l in lines if l]  # the pin, without its environment marker
     names = {re.split(r"==", r)[0].lower() for r in reqs}
-    assert {"torch", "triton", "tiktoken", "ninja", "numpy", "tqdm", "pytest", "pytest-benchmark"} <= names
+    assert needed <= names
     unpinned = [r for r in reqs if not re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][A-Za-z0-9_.+\-]*", r)]
     assert not unpinned, f"not pinned to one version: {unpinned}"
 
