@@ -29,7 +29,7 @@ to bf16 noise: a cheap cross-check), and MFU = achieved FLOP/s / the GPU's peak 
 with FLOPs per token = 6·N + 6·L·T·d: 6·N for the forward and backward matmuls of the N
 non-embedding parameters (the tied LM head included, the position table not), plus the attention
 score and value matmuls, 12·L·T·d halved by the causal mask (as in the PaLM paper's appendix B).
-The peaks come from :data:`PEAK_BF16_TFLOPS` (vendor datasheets, dense, no sparsity).  On a CPU the
+The peaks come from :data:`llm.flops.PEAK_BF16_TFLOPS` (vendor datasheets, dense, no sparsity).  On a CPU the
 ceiling is measured in the same run instead, right before each provider (a VM's clock drifts: one
 rate at the start moved between 264 and 343 GFLOP/s from run to run): ``torch.mm`` FLOP/s on 2048 x
 2048 fp32 matrices (``mm_gflops``); the matmul floor of a step is its FLOPs at that rate
@@ -52,32 +52,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 from bench.common import environment, markdown_table, report_row, save_figure, write_results  # noqa: E402
+from llm.flops import PEAK_BF16_TFLOPS, flops_per_token, peak_tflops  # noqa: E402,F401
 from llm.model import GPT, GPTConfig  # noqa: E402
 from llm.optim import configure_optimizer  # noqa: E402
 
 PROVIDERS = ("reference", "pytorch", "pytorch+compile", "triton", "triton+compile", "cuda", "cuda+compile", "auto")
 DEFAULT_PROVIDERS = ("reference", "pytorch+compile", "triton", "triton+compile", "cuda", "cuda+compile")
 CPU_PROVIDERS = ("reference", "pytorch", "cuda", "auto")
-
-# Dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name().  Checked in
-# order, so the more specific names come first.
-PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM5
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("A10G", 70.0),
-    ("RTX 4090", 165.0),
-]
-
-
-def peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
-
 
 def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
     """Best-of-``reps`` fp32 ``torch.mm`` GFLOP/s on ``n`` x ``n`` matrices: the CPU's practical ceiling."""
@@ -106,12 +87,6 @@ def profiled_gemm_ms(step, steps: int = 2) -> float:
             step()
     us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS)
     return us / 1e3 / steps
-
-
-def flops_per_token(model: GPT, T: int) -> float:
-    cfg = model.config
-    # attention's q k^T and p v: 2 * 2 * T * (n_head * head_dim) per token and layer, halved for causal, x3 with backward
-    return 6 * model.num_parameters(non_embedding=True) + 6 * cfg.n_layer * T * cfg.n_head * cfg.head_dim
 
 
 def skip_reason(provider: str, device: torch.device) -> str | None:
