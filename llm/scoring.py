@@ -29,8 +29,10 @@ from .model import GPT
 
 __all__ = ["sequence_logprobs", "token_logprobs", "final_hidden_states"]
 
-# Elements of one chunk's logits (rows x V): 2**24 fp32 values = 64 MB, ~333 rows at V = 50257.
-_CHUNK_ELEMS = 2**24
+# Elements of one chunk's logits (rows x V): 2**23 fp32 values = 32 MB, ~166 rows at V = 50257.  The
+# backward holds ~4 such buffers at once (recomputed logits, gather's and logsumexp's gradients, their
+# sum), so the peak is ~130 MB whatever B*T is.
+_CHUNK_ELEMS = 2**23
 
 
 def final_hidden_states(model: GPT, idx: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,7 @@ def token_logprobs(
 
     idx, targets: (B, T) int64, targets usually ``idx`` shifted left by one.  Returns (B, T) float32.
     Gradients flow (DPO differentiates through it); wrap in ``torch.no_grad()`` to score.
-    ``chunk_size``: token rows whose logits exist at once (default ``2**24 // V``).
+    ``chunk_size``: token rows whose logits exist at once (default ``2**23 // V``).
     """
     if idx.shape != targets.shape or idx.dim() != 2:
         raise ValueError(f"idx and targets must both be (B, T), got {tuple(idx.shape)} and {tuple(targets.shape)}")
