@@ -133,3 +133,35 @@ def test_answers_end_with_the_tokenizers_own_end_of_text(hf_tokenizer_dir):
         assert chosen[-1] == rejected[-1] == tok.eot_token == 0 and 0 not in chosen[:-1]
     idx, _ = collate_pairs(ds.items, pad_token_id=tok.eot_token)
     assert int(idx.max()) < tok.n_vocab
+
+
+def test_dpo_batch_loss_through_chunked_scoring_matches_full_logits():
+    """dpo_batch_loss scores with the chunked head: same loss and policy gradients as full logits."""
+    from llm.model import GPT, GPTConfig
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=211, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    reference = copy.deepcopy(policy).eval()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    idx = torch.randint(0, 211, (4, 9))
+    targets = torch.randint(0, 211, (4, 9))
+    targets[:, :3] = -100
+
+    def full(model):
+        lp = torch.log_softmax(model(idx)[0].float(), -1)
+        safe = targets.clamp(min=0)
+        return torch.where(targets != -100, lp.gather(-1, safe.unsqueeze(-1)).squeeze(-1), 0.0).sum(-1)
+
+    loss, _ = dpo_batch_loss(policy, reference, idx, targets, beta=0.1)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    policy.zero_grad()
+    with torch.no_grad():
+        ref = full(reference)
+    pol = full(policy)
+    want_loss, _ = dpo_loss(pol[:2], pol[2:], ref[:2], ref[2:], 0.1)
+    want_loss.backward()
+    assert loss.item() == pytest.approx(want_loss.item(), abs=1e-6)
+    for n, p in policy.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-4, msg=n)
