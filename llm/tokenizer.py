@@ -22,6 +22,8 @@ Other tokenizers (Llama 3's, Qwen3's, one you trained) load from a Hugging Face 
 ``get_tokenizer(path)`` with the file or a folder that holds it returns an
 :class:`~llm.hf_tokenizer.HFTokenizer`, which has the same methods.  Every command takes such a
 path as ``--tokenizer``; checkpoints and prepared token files record the tokenizer's ``name``.
+A folder written by ``llm tokenizer train`` (``tokenizer.tiktoken`` + ``tokenizer_config.json``)
+loads as a :class:`~llm.bpe.BPETokenizer`, run by tiktoken.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import TYPE_CHECKING
 import tiktoken
 
 if TYPE_CHECKING:
+    from .bpe import BPETokenizer
     from .hf_tokenizer import HFTokenizer
 
 EOT_TOKEN = 50256
@@ -117,26 +120,38 @@ def as_id_list(ids: Iterable[int]) -> list[int]:
 
 
 GPT2 = "gpt2"
-TOKENIZER_HELP = ("'gpt2' (tiktoken's GPT-2 BPE) or the path of a Hugging Face tokenizer.json, or of a folder "
-                  "holding one (e.g. a Llama 3 or Qwen3 model folder)")
+TOKENIZER_HELP = ("'gpt2' (tiktoken's GPT-2 BPE), a folder written by `llm tokenizer train`, or the path of a "
+                  "Hugging Face tokenizer.json, or of a folder holding one (e.g. a Llama 3 or Qwen3 model folder)")
 """What ``--tokenizer`` accepts, for the commands' help texts."""
 
 
-def get_tokenizer(name_or_path: str | os.PathLike = GPT2) -> Tokenizer | HFTokenizer:
-    """The tokenizer ``name_or_path`` names: ``"gpt2"`` (the default) is tiktoken's GPT-2 BPE; anything
-    else is a ``tokenizer.json`` or a folder holding one (FileNotFoundError naming the path if not).
+def get_tokenizer(name_or_path: str | os.PathLike = GPT2) -> Tokenizer | HFTokenizer | BPETokenizer:
+    """The tokenizer ``name_or_path`` names: ``"gpt2"`` (the default) is tiktoken's GPT-2 BPE; a folder
+    with a ``tokenizer.tiktoken`` is one that ``llm tokenizer train`` wrote; anything else is a
+    ``tokenizer.json`` or a folder holding one (FileNotFoundError naming the path if not).
 
-    Both are built once per process and shared (a failed attempt is not cached); a tokenizer.json
-    is loaded again when the file or its ``tokenizer_config.json`` changes on disk.
+    Each is built once per process and shared (a failed attempt is not cached); a tokenizer folder
+    or file is loaded again when it or its ``tokenizer_config.json`` changes on disk.
     """
     if os.fspath(name_or_path) == GPT2:
         return _cached_tokenizer(GPT2)
+    from .bpe import is_bpe_folder
+
+    if is_bpe_folder(name_or_path):
+        from .bpe import CONFIG_FILE as BPE_CONFIG, RANKS_FILE
+
+        folder = Path(name_or_path).expanduser().resolve()
+        folder = folder.parent if folder.name == RANKS_FILE else folder
+        return _cached_bpe_tokenizer(str(folder), _stamp(folder / RANKS_FILE, folder / BPE_CONFIG))
     from .hf_tokenizer import CONFIG_FILE, resolve_tokenizer_file
 
     file = resolve_tokenizer_file(name_or_path)
-    config = file.parent / CONFIG_FILE
-    stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None for p in (file, config))
-    return _cached_hf_tokenizer(str(file), stamp)
+    return _cached_hf_tokenizer(str(file), _stamp(file, file.parent / CONFIG_FILE))
+
+
+def _stamp(*paths: Path) -> tuple:
+    """The files' mtimes and sizes (None for a missing one): part of a cache key, so an edited file misses it."""
+    return tuple((p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None for p in paths)
 
 
 def folder_tokenizer(folder: str | os.PathLike) -> str:
@@ -165,6 +180,13 @@ def _cached_hf_tokenizer(path: str, stamp: tuple) -> HFTokenizer:
     from .hf_tokenizer import HFTokenizer
 
     return HFTokenizer(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_bpe_tokenizer(folder: str, stamp: tuple) -> BPETokenizer:
+    from .bpe import BPETokenizer
+
+    return BPETokenizer(folder)
 
 
 @functools.cache
