@@ -5,6 +5,7 @@
     llm eval gsm8k --checkpoint out/ckpt.pt --n-shot 5 --limit 100
     llm eval humaneval --hf-model gpt2/ --n-samples 10 --temperature 0.8 --k 1 10
     llm eval humaneval --canonical          # the dataset's own solutions: a check of the sandbox
+    llm eval lm-eval --tasks hellaswag,arc_easy --checkpoint out/ckpt.pt --limit 100   # pip install lm-eval
 
 The results file (default ``eval_<task>.json`` beside the model) holds the task, its metrics, the
 configuration, the model's source, the timing and the per-item predictions; it is written
@@ -24,6 +25,7 @@ TASKS = {
     "mc": "multiple choice by log-likelihood (JSONL {context, choices, label}, HellaSwag JSONL, MMLU CSV)",
     "gsm8k": "grade-school math: few-shot greedy generation, exact match of the final number",
     "humaneval": "Python from docstrings: sample, run the tests in a sandbox, pass@k",
+    "lm-eval": "any lm-evaluation-harness task (its own, or YAML tasks in --include-path); pip install lm-eval",
 }
 DEFAULT_CHECKPOINT = os.path.join("out", "ckpt.pt")
 
@@ -92,7 +94,17 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                             "Python guard that an adversarial program gets around (says what is not contained)")
     sp_he.add_argument("--canonical", action="store_true",
                        help="run the dataset's own solutions instead of a model (all should pass)")
-    for task_parser in (sp, sp_mc, sp_gsm, sp_he):
+    from ..train_setup import DTYPES
+
+    sp_lm = task("lm-eval")
+    sp_lm.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (hellaswag,arc_easy)")
+    sp_lm.add_argument("--include-path", default=None, metavar="DIR", help="folder of task YAML files of your own")
+    sp_lm.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples; if not given, each task's own")
+    sp_lm.add_argument("--batch-size", type=int, default=8, help="log-likelihood requests per forward pass")
+    sp_lm.add_argument("--dtype", choices=DTYPES, default="auto",
+                       help="autocast dtype (auto: bf16 on a GPU that has it, fp32 on the CPU)")
+    sp_lm.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draw and of any sampling")
+    for task_parser in (sp, sp_mc, sp_gsm, sp_he, sp_lm):
         _add_common(task_parser)
 
 
@@ -164,6 +176,20 @@ def _run_task(args, model, tokenizer) -> tuple[dict, dict, list]:
         config = dict(data=args.data or "gsm8k", n_shot=args.n_shot, max_new_tokens=args.max_new_tokens,
                       limit=args.limit)
         return out["metrics"], config, out["items"]
+    if args.task == "lm-eval":
+        from ..train_setup import choose_precision
+        from .lm_eval_adapter import run_lm_eval
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        precision = choose_precision(next(model.parameters()).device, args.dtype)
+        print(precision.describe(), file=sys.stderr, flush=True)
+        out = run_lm_eval(model, tokenizer, tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                          limit=args.limit, batch_size=args.batch_size, autocast=precision.autocast,
+                          seed=args.seed, progress=args.progress)
+        config = dict(tasks=tasks, include_path=args.include_path and os.path.abspath(args.include_path),
+                      num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
+                      dtype=precision.name, seed=args.seed, versions=out["versions"], n_shot=out["n-shot"])
+        return out["metrics"], config, out["items"]
     from .humaneval import evaluate_humaneval, load_problems
     from .sandbox import containment
 
@@ -194,6 +220,12 @@ def run_eval(args: argparse.Namespace) -> int:
                     "memory_mb")
     if getattr(args, "n_shot", 0) < 0:
         raise ValueError(f"--n-shot must be >= 0, got {args.n_shot}")
+    if (getattr(args, "num_fewshot", None) or 0) < 0:
+        raise ValueError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    if args.task == "lm-eval":  # before a model is loaded: fail at once when the package is missing
+        from .lm_eval_adapter import require_lm_eval
+
+        require_lm_eval()
     started = time.time()
     model = tokenizer = None
     source: dict = {"kind": "none (canonical solutions)"}
