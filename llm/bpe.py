@@ -173,6 +173,22 @@ def fix_surrogates(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+def merge_parts(ranks: dict[bytes, int], piece: bytes, below: int | None = None) -> list[bytes]:
+    """``piece``'s bytes after BPE: merge the leftmost adjacent pair of lowest rank (only ranks under
+    ``below``, if given) until no adjacent pair is a token; the parts that remain."""
+    parts = [bytes([b]) for b in piece]
+    while len(parts) > 1:
+        best, best_rank = -1, None
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and (below is None or rank < below) and (best_rank is None or rank < best_rank):
+                best, best_rank = i, rank
+        if best_rank is None:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
 class PyBPE:
     """A tiktoken-style BPE encoder in plain Python: ``ranks`` (token bytes -> id) plus special tokens.
 
@@ -214,17 +230,7 @@ class PyBPE:
     def encode_word(self, piece: bytes) -> list[int]:
         if piece in self.ranks:
             return [self.ranks[piece]]
-        parts = [bytes([b]) for b in piece]
-        while len(parts) > 1:
-            best, best_rank = -1, None
-            for i in range(len(parts) - 1):
-                rank = self.ranks.get(parts[i] + parts[i + 1])
-                if rank is not None and (best_rank is None or rank < best_rank):
-                    best, best_rank = i, rank
-            if best_rank is None:
-                break
-            parts[best:best + 2] = [parts[best] + parts[best + 1]]
-        return [self.ranks[p] for p in parts]
+        return [self.ranks[p] for p in merge_parts(self.ranks, piece)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return b"".join(self.decoder[i] for i in as_id_list(ids)).decode("utf-8", errors="replace")

@@ -128,18 +128,9 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def _bpe_pair(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
     """The two parts BPE merges into ``token``: run the merges of lower rank over its bytes; two remain."""
-    parts = [bytes([b]) for b in token]
-    limit = ranks[token]
-    while True:
-        best = None
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1])
-            if r is not None and r < limit and (best is None or r < best[0]):
-                best = (r, i)
-        if best is None:
-            break
-        i = best[1]
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    from .bpe import merge_parts
+
+    parts = merge_parts(ranks, token, below=ranks[token])
     if len(parts) != 2:
         raise ValueError(f"token {token!r} is not one merge of two lower-ranked tokens")
     return parts[0], parts[1]
