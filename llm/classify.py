@@ -23,9 +23,8 @@ from torch import nn
 
 from . import train_setup
 from .classify_data import balance, encode_batch, label_names, load_labelled, split
-from .finetune_common import (METRICS_NAME, FinetuneConfig, _opt, add_config_args, config_from_args,
-                              finish_and_save, load_start_model, load_tokenizer, log, prepare_out_dir,
-                              require_batches, setup_device, train_loop)
+from .finetune_common import (FinetuneConfig, FinetuneRun, _opt, add_config_args, config_from_args, finish_and_save,
+                              load_start_model, load_tokenizer, log)
 from .lora import describe_trainable
 
 __all__ = ["ClassifyConfig", "classify", "make_classifier", "set_trainable", "class_logits", "predict",
@@ -104,10 +103,7 @@ def evaluate(model, records, names, tokenizer, max_len, batch_size, device, auto
 
 def classify(cfg: ClassifyConfig) -> dict:
     """Train a classifier as ``cfg`` says; returns accuracies per split, the checkpoint path and counts."""
-    from .train_log import MetricsLog
-
     cfg.validate()
-    device, precision = setup_device(cfg)
     out_dir = Path(cfg.out_dir)
     records = load_labelled(cfg.data, cfg.text_column, cfg.label_column)[:cfg.limit]
     names = label_names(records)
@@ -117,8 +113,8 @@ def classify(cfg: ClassifyConfig) -> dict:
     if cfg.balance:
         records = balance(records, seed)
     train, val, test = split(records, seed)
-    prepare_out_dir(out_dir, cfg.overwrite, clear=False)
-    with train_setup.kernels_backend(cfg.kernels):
+    with FinetuneRun(cfg, "classify") as run, train_setup.kernels_backend(cfg.kernels):
+        device, precision = run.device, run.precision
         model, source = load_start_model(cfg)
         tokenizer = load_tokenizer(cfg, source, model)
         make_classifier(model, len(names)).to(device)
@@ -127,22 +123,17 @@ def classify(cfg: ClassifyConfig) -> dict:
         block = model.config.block_size
         max_len = min(cfg.max_length or block, block)
         index = {n: i for i, n in enumerate(names)}
-        n_batches = len(train) // cfg.batch_size  # drop_last, as the book
+        steps_per_epoch, total = run.schedule(len(train))  # full batches only (the book's drop_last)
         log(f"classify: {len(train)} train, {len(val)} val, {len(test)} test records; labels {names}; "
-            f"{n_batches} batches of {cfg.batch_size}; up to {max_len} tokens; {device} {precision.name}; from {source}")
+            f"{steps_per_epoch} steps of {cfg.batch_size} x {cfg.grad_accum_steps} x {run.dist.world_size} records "
+            f"per epoch, {total} steps; up to {max_len} tokens; {device} {precision.name}; from {source}")
 
-        def epoch_batches(epoch):
-            order = list(train)
-            torch_gen = torch.Generator().manual_seed(cfg.seed + epoch)
-            order = [order[i] for i in torch.randperm(len(order), generator=torch_gen).tolist()]
-            for b in range(n_batches):
-                yield order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-
-        def step_loss(batch):
+        def step_loss(net, batch):
             ids, lengths = encode_batch([t for t, _ in batch], tokenizer, max_len, PAD_ID)
             y = torch.tensor([index[lab] for _, lab in batch], device=device)
-            logits = class_logits(model, ids.to(device), lengths)
-            return F.cross_entropy(logits, y), {"batch_accuracy": float((logits.argmax(-1) == y).float().mean())}
+            logits = class_logits(net, ids.to(device), lengths)
+            return F.cross_entropy(logits, y), {"batch_accuracy": float((logits.argmax(-1) == y).float().mean()),
+                                                "tokens": ids.numel(), "seq_len": ids.shape[1]}
 
         def scores(max_batches):
             out = {}
@@ -152,19 +143,18 @@ def classify(cfg: ClassifyConfig) -> dict:
                 out[f"{name}_loss"], out[f"{name}_accuracy"] = r["loss"], r["accuracy"]
             return out
 
-        require_batches(n_batches, cfg.batch_size)
-        prepare_out_dir(out_dir, cfg.overwrite)
-        for stale in (out_dir / "accuracy.png",):
-            stale.unlink(missing_ok=True)
-        metrics = MetricsLog(out_dir / METRICS_NAME)
-        result = train_loop(cfg, model, device, precision, epoch_batches, n_batches, step_loss,
-                            lambda: scores(cfg.eval_iters), metrics, desc="classify")
+        run.start(model)
+        result = run.train(model, len(train), lambda idx: [train[i] for i in idx], step_loss,
+                           lambda: scores(cfg.eval_iters), desc="classify")
         final = scores(None)
-        metrics.log(step=result["steps"], final=True, **final)
-        saved = finish_and_save(model, cfg, out_dir, "classify", {
-            "source": source, "step": result["steps"], "num_classes": len(names), "labels": names,
-            "tokenizer": tokenizer.name, "max_length": max_len, **final})
-        plot_classify(metrics.records, out_dir)
+        run.metrics.log(step=result["steps"], final=True, **final)
+        saved = None
+        if run.is_main:
+            saved = finish_and_save(model, cfg, out_dir, "classify", {
+                "source": source, "step": result["steps"], "num_classes": len(names), "labels": names,
+                "tokenizer": tokenizer.name, "max_length": max_len, **final})
+            plot_classify(run.metrics.records, out_dir)
+        run.done()
     majority = max(sum(lab == n for _, lab in test) for n in names) / max(len(test), 1)
     log(f"test accuracy {final['test_accuracy']:.4f} (majority class {majority:.4f}), val "
         f"{final['val_accuracy']:.4f}, train {final['train_accuracy']:.4f}; {result['steps']} steps "
@@ -241,13 +231,14 @@ def run_classify(args: argparse.Namespace) -> int:
     if args.predict:
         from .tokenizer import get_tokenizer
 
-        if not args.checkpoint:
+        checkpoint, tokenizer = getattr(args, "checkpoint", None), getattr(args, "tokenizer", None)
+        if not checkpoint:
             raise ValueError("--predict needs --checkpoint PATH of an llm classify run")
-        model, ckpt = load_classifier(args.checkpoint)
-        tokenizer = get_tokenizer(args.tokenizer or ckpt.get("tokenizer", "gpt2"))
+        model, ckpt = load_classifier(checkpoint)
+        tokenizer = get_tokenizer(tokenizer or ckpt.get("tokenizer", "gpt2"))
         for r in predict(model, ckpt, args.predict, tokenizer):
             probs = ", ".join(f"{k} {v:.4f}" for k, v in r["probabilities"].items())
             print(f"{r['label']}\t({probs})\t{r['text']}")
         return 0
-    classify(config_from_args(ClassifyConfig, args))
+    classify(config_from_args(ClassifyConfig, args, "classify"))
     return 0

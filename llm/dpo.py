@@ -21,17 +21,14 @@ import argparse
 import copy
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import train_setup
-from .finetune_common import (METRICS_NAME, FinetuneConfig, _opt, add_config_args, config_from_args,
-                              finish_and_save, load_start_model, load_tokenizer, log, maybe_apply_lora, plot,
-                              prepare_out_dir,
-                              require_batches, seeded_generator, setup_device, train_loop, write_test_responses)
+from .finetune_common import (FinetuneConfig, FinetuneRun, _opt, add_config_args, config_from_args, load_start_model,
+                              load_tokenizer, log, maybe_apply_lora, save_results)
 from .instruct import EOT, IGNORE_INDEX, encode_parts, load_records, split_records
 from .scoring import sequence_logprobs
 
@@ -170,19 +167,15 @@ def collate_pairs(batch, *, pad_token_id: int = EOT, ignore_index: int = IGNORE_
 
 def dpo(cfg: DPOConfig) -> dict:
     """Run DPO as ``cfg`` says; returns a summary dict (first/final metrics, losses, paths)."""
-    from .train_log import MetricsLog
-
     cfg.validate()
-    device, precision = setup_device(cfg)
-    autocast, compute_dtype = precision.autocast, precision.name
-    out_dir = Path(cfg.out_dir)
     records = load_records(cfg.data, PREFERENCE_KEYS, cfg.limit)
     train, val, test = split_records(records, seed=cfg.split_seed)
     if not train or not val:
         raise ValueError(f"{len(records)} records give {len(train)} train and {len(val)} validation pairs; "
                          "DPO needs both (use at least 20 records)")
-    prepare_out_dir(out_dir, cfg.overwrite, clear=False)
-    with train_setup.kernels_backend(cfg.kernels):
+    with FinetuneRun(cfg, "dpo") as run, train_setup.kernels_backend(cfg.kernels):
+        device, precision = run.device, run.precision
+        autocast, compute_dtype = precision.autocast, precision.name
         policy, source = load_start_model(cfg)
         policy.to(device)
         # The reference is the starting model itself, frozen: a copy taken before LoRA wraps the policy.
@@ -201,17 +194,19 @@ def dpo(cfg: DPOConfig) -> dict:
                 log(f"{split}: dropped {dropped} pairs whose prompt is longer than {max_len} tokens")
             datasets[split] = ds
         collate_fn = partial(collate_pairs, pad_token_id=tokenizer.eot_token, allowed_max_length=max_len)
-        train_loader = DataLoader(datasets["train"], cfg.batch_size, shuffle=True, drop_last=True,
-                                  collate_fn=collate_fn, generator=seeded_generator(cfg.seed))
         eval_loaders = {s: DataLoader(ds, cfg.batch_size, shuffle=False, collate_fn=collate_fn)
                         for s, ds in datasets.items()}
-        log(f"DPO: {len(datasets['train'])} train, {len(datasets['val'])} val pairs, {len(test)} test records; "
-            f"beta {cfg.beta}; {len(train_loader)} batches of {cfg.batch_size} pairs per epoch; sequences up to "
-            f"{max_len} tokens; {device} {compute_dtype}; from {source}")
+        train_ds = datasets["train"]
+        steps_per_epoch, total = run.schedule(len(train_ds))
+        log(f"DPO: {len(train_ds)} train, {len(datasets['val'])} val pairs, {len(test)} test records; "
+            f"beta {cfg.beta}; {steps_per_epoch} steps of {cfg.batch_size} x {cfg.grad_accum_steps} x "
+            f"{run.dist.world_size} pairs per epoch, {total} steps; sequences up to {max_len} tokens; "
+            f"{device} {compute_dtype}; from {source}")
 
-        def step_loss(batch):
+        def step_loss(net, batch):
             idx, targets = batch[0].to(device), batch[1].to(device)
-            return dpo_batch_loss(policy, reference, idx, targets, cfg.beta)
+            loss, stats = dpo_batch_loss(net, reference, idx, targets, cfg.beta)
+            return loss, {**stats, "tokens": idx.numel(), "seq_len": idx.shape[1]}
 
         def evaluate():
             out = {}
@@ -220,24 +215,19 @@ def dpo(cfg: DPOConfig) -> dict:
                 out.update({f"{split}_{k}": v for k, v in stats.items()})
             return out
 
-        require_batches(len(train_loader), cfg.batch_size)
-        prepare_out_dir(out_dir, cfg.overwrite)
-        metrics = MetricsLog(out_dir / METRICS_NAME)
-        result = train_loop(cfg, policy, device, precision, lambda epoch: train_loader, len(train_loader),
-                            step_loss, evaluate, metrics, desc="dpo")
+        run.start(policy)
+        result = run.train(policy, len(train_ds), lambda idx: collate_fn([train_ds[i] for i in idx]), step_loss,
+                           evaluate, desc="dpo")
         first, final = result["first_eval"], result["final_eval"]
-        saved = finish_and_save(policy, cfg, out_dir, "dpo", {"source": source, "step": result["steps"],
-                                                              "initial_eval": first, "final_eval": final,
-                                                              "tokenizer": tokenizer.name})
-        responses = write_test_responses(policy, test, cfg, out_dir, device, autocast, tokenizer)
-        plot(metrics, out_dir)
+        saved, responses = save_results(run, policy, "dpo", {"source": source, "step": result["steps"],
+                                                              "initial_eval": first, "final_eval": final}, test, tokenizer)
     log(f"val reward margin {first['val_reward_margin']:.4f} -> {final['val_reward_margin']:.4f}, "
         f"accuracy {first['val_accuracy']:.2f} -> {final['val_accuracy']:.2f} in {result['steps']} steps "
         f"({result['seconds']:.1f} s); saved {saved}" + (f"; test responses {responses}" if responses else ""))
     return {"initial": first, "final": final, "losses": result["losses"], "steps": result["steps"],
             "seconds": result["seconds"], "checkpoint": str(saved),
             "test_responses": str(responses) if responses else None,
-            "n_train": len(datasets["train"]), "n_val": len(datasets["val"]), "n_test": len(test)}
+            "n_train": len(train_ds), "n_val": len(datasets["val"]), "n_test": len(test)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,5 +240,5 @@ def add_dpo_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_dpo(args: argparse.Namespace) -> int:
-    dpo(config_from_args(DPOConfig, args))
+    dpo(config_from_args(DPOConfig, args, "dpo"))
     return 0

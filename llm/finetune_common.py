@@ -5,10 +5,11 @@
     load_start_model(cfg)          a GPT from --checkpoint, --hf-model or --preset
     load_tokenizer(cfg, source, model)   --tokenizer, or the one the checkpoint was trained with
     maybe_apply_lora(model, cfg)   wrap with LoRA (rank > 0) and print the trainable share
-    train_loop(...)                epochs/steps, AdamW, clipping, periodic eval, progress bar
     finish_and_save(...)           merge LoRA (or save the factors alone), write ckpt.pt atomically
     load_lora_checkpoint(...)      put saved LoRA factors back on their base model
     write_test_responses(...)      the model's greedy answers on the test split, as the book does
+
+The training loop itself, with resume and torchrun, is ``llm/finetune_loop.py``.
 
 Checkpoints use the pretraining format (``llm.checkpoint.FORMAT``, keys ``model`` and
 ``model_config``), so ``llm generate --checkpoint`` and ``llm.checkpoint.load_model`` read them;
@@ -18,9 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
-from collections.abc import Callable, Iterable
+import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -32,9 +32,11 @@ from kernels import BACKENDS
 
 from . import train_setup
 from .checkpoint import FORMAT, atomic_save, atomic_write_text, load_checkpoint
+from .finetune_loop import STATE_NAME, FinetuneRun, log, resumed_config
 from .lora import apply_lora, describe_trainable, lora_state_dict, merge_lora
 from .model import GPT, PRESETS, GPTConfig
 from .tokenizer import checkpoint_tokenizer
+from .tracking import TENSORBOARD_DIR, WANDB_ID_FILE, TrackingConfig
 
 CKPT_NAME, LORA_NAME, METRICS_NAME, PLOT_NAME, RESPONSES_NAME = (
     "ckpt.pt", "lora.pt", "metrics.jsonl", "loss.png", "test_responses.json")
@@ -48,7 +50,7 @@ def _opt(default, help: str):
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TrackingConfig):
     # -- where the model comes from: exactly one of the three
     checkpoint: str | None = _opt(None, "start from this checkpoint (llm pretrain / sft output)")
     hf_model: str | None = _opt(None, "start from this Hugging Face GPT-2 folder")
@@ -66,8 +68,12 @@ class FinetuneConfig:
     # -- optimisation
     epochs: int = _opt(1, "passes over the training split")
     max_steps: int | None = _opt(None, "train exactly this many steps instead of --epochs epochs")
-    batch_size: int = _opt(8, "records per batch")
-    lr: float = _opt(5e-5, "AdamW learning rate (constant)")
+    batch_size: int = _opt(8, "records per micro-batch per process")
+    grad_accum_steps: int = _opt(1, "micro-batches accumulated per optimizer step")
+    lr: float = _opt(5e-5, "peak AdamW learning rate")
+    min_lr: float | None = _opt(None, "learning rate at the end of the cosine decay (None: --lr, a constant rate "
+                                      "after the warmup, as the book trains)")
+    warmup_steps: int = _opt(0, "steps of linear warmup")
     weight_decay: float = _opt(0.1, "AdamW weight decay (2-D weights only)")
     grad_clip: float = _opt(1.0, "clip the gradient norm to this (0 disables)")
     # -- LoRA
@@ -83,6 +89,10 @@ class FinetuneConfig:
     num_test_responses: int | None = _opt(None, "answer only the first N test records (None: all, 0: none)")
     out_dir: str = _opt("out/finetune", "folder for ckpt.pt, metrics.jsonl, loss.png, test_responses.json")
     overwrite: bool = _opt(False, "replace the outputs of an earlier run in --out-dir")
+    resume: bool = _opt(False, "continue the interrupted run in --out-dir from its state.pt, with its settings "
+                               "(flags typed now override those that may change)")
+    checkpoint_interval: int = _opt(100, "steps between resume checkpoints (state.pt; also written when "
+                                         "training ends, removed once the run's results are saved; 0: only then)")
     progress: bool = _opt(True, "show progress bars")
     # -- system
     seed: int = _opt(123, "seed of the model init (presets), data order and dropout")
@@ -90,15 +100,19 @@ class FinetuneConfig:
     dtype: str = _opt("auto", "auto (bf16 autocast on a GPU with bf16, else fp16 with loss scaling; fp32 on "
                               "CPU and MPS), float32, bfloat16 or float16 (autocast with a GradScaler)")
     kernels: str = _opt("auto", "kernels backend: auto, torch (reference), pytorch (PyTorch's own ops), triton or cuda")
+    compile: bool = _opt(False, "torch.compile the model for training (batches vary in length: dynamic shapes)")
     activation_checkpointing: bool = _opt(False, "recompute each transformer block's activations in backward "
                                                  "instead of keeping them (less memory, ~1/3 more compute)")
 
     def validate(self) -> None:
+        self.validate_tracking()
         given = [n for n in ("checkpoint", "hf_model", "preset") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one model to start from: --checkpoint PATH, --hf-model DIR or --preset NAME"
                              + (f" (got {', '.join('--' + g.replace('_', '-') for g in given)})" if given else ""))
-        for name in ("epochs", "batch_size", "eval_iters"):
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run or start it over")
+        for name in ("epochs", "batch_size", "grad_accum_steps", "eval_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "limit", "block_size"):
@@ -106,13 +120,16 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 (or unset), got {self.max_length}")
-        for name in ("eval_interval", "max_new_tokens", "lora_rank", "weight_decay", "grad_clip"):
+        for name in ("eval_interval", "max_new_tokens", "lora_rank", "weight_decay", "grad_clip", "warmup_steps",
+                     "checkpoint_interval"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.num_test_responses is not None and self.num_test_responses < 0:
             raise ValueError(f"num_test_responses must be >= 0, got {self.num_test_responses}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.checkpoint is not None and self.block_size is not None:
@@ -128,14 +145,16 @@ class FinetuneConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI: one flag per config field, so the two cannot drift apart (as llm pretrain does)
+# CLI: one flag per config field, so the two cannot drift apart (as llm pretrain does).  Untyped flags
+# stay out of the namespace (default SUPPRESS), so that --resume knows which settings were asked for.
 
 
 def add_config_args(p: argparse.ArgumentParser, cls: type) -> None:
     helps = cls.help()
     for f in fields(cls):
         kind = str(f.type)
-        kw: dict = {"default": f.default, "dest": f.name, "help": helps[f.name].replace("%", "%%")}
+        help_text = helps[f.name].replace("%", "%%") + f" (default: {str(f.default).replace('%', '%%')})"
+        kw: dict = {"default": argparse.SUPPRESS, "dest": f.name, "help": help_text}
         if "bool" in kind:
             kw["action"] = argparse.BooleanOptionalAction
         else:
@@ -147,8 +166,13 @@ def add_config_args(p: argparse.ArgumentParser, cls: type) -> None:
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
-def config_from_args(cls: type, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+def config_from_args(cls: type, args: argparse.Namespace, kind: str | None = None):
+    """The config of the flags typed (defaults for the rest); with --resume, the interrupted run's
+    settings (from its state.pt) with the typed flags on top."""
+    typed = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    if typed.get("resume") and kind is not None:
+        return resumed_config(cls, typed.get("out_dir", cls.out_dir), kind, typed)
+    return cls(**typed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,106 +224,16 @@ def prepare_out_dir(out_dir: Path, overwrite: bool, clear: bool = True) -> None:
     Runs call it twice: first with ``clear=False`` (fail fast, before loading a model), then
     right before training writes its first file, so a run that fails to start deletes nothing.
     """
-    ours = [out_dir / n for n in (CKPT_NAME, LORA_NAME, METRICS_NAME, PLOT_NAME, RESPONSES_NAME)]
+    ours = [out_dir / n for n in (CKPT_NAME, LORA_NAME, METRICS_NAME, PLOT_NAME, RESPONSES_NAME, STATE_NAME,
+                                  "accuracy.png", WANDB_ID_FILE, TENSORBOARD_DIR)]
     existing = [p for p in ours if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} exists: pass --overwrite to replace that run, or another --out-dir")
+        resume = " --resume to continue it," if (out_dir / STATE_NAME).exists() else ""
+        raise FileExistsError(f"{existing[0]} exists: pass{resume} --overwrite to replace that run, or another --out-dir")
     if clear:
         for p in existing:
-            p.unlink()
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
         out_dir.mkdir(parents=True, exist_ok=True)
-
-
-def setup_device(cfg: FinetuneConfig) -> tuple[torch.device, train_setup.Precision]:
-    """(device, its :class:`~llm.train_setup.Precision`); seeds every RNG and prints the precision."""
-    # torch's default thread count (one per core) is kept: unlike pretraining there is never more
-    # than one process here to share the cores with, and tests pin it to 1 for tiny models.
-    device = train_setup.resolve_device(cfg.device)
-    train_setup.seed_everything(cfg.seed)
-    precision = train_setup.choose_precision(device, cfg.dtype)
-    log(precision.describe())
-    return device, precision
-
-
-def log(msg: str) -> None:
-    tqdm.write(msg)  # keeps progress bars intact
-
-
-# ---------------------------------------------------------------------------------------------
-# the loop
-
-
-def require_batches(n_batches: int, batch_size: int) -> None:
-    """Called before anything is written: a training split smaller than one batch trains nothing."""
-    if n_batches < 1:
-        raise ValueError(f"the training split has no full batch of {batch_size}: lower --batch-size or add records")
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN/inf; training stopped before that step's update and saved nothing."""
-
-
-def train_loop(cfg: FinetuneConfig, model: GPT, device: torch.device, precision: train_setup.Precision,
-               epoch_batches: Callable[[int], Iterable], n_batches: int,
-               step_loss: Callable[[object], tuple[torch.Tensor, dict]], evaluate: Callable[[], dict],
-               metrics, desc: str) -> dict:
-    """AdamW over the trainable parameters for ``--epochs`` epochs (or exactly ``--max-steps`` steps).
-
-    ``epoch_batches(epoch)`` yields that epoch's batches; ``step_loss(batch)`` returns the loss to
-    minimise and extra numbers to log; ``evaluate()`` returns a dict of metrics, run before
-    training, every ``eval_interval`` steps and at the end.  Returns first/last eval and the losses.
-    """
-    from .optim import configure_optimizer
-
-    require_batches(n_batches, cfg.batch_size)
-    model.activation_checkpointing = cfg.activation_checkpointing
-    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * n_batches
-    optimizer = configure_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
-                                    device_type=device.type)
-    params = [p for p in model.parameters() if p.requires_grad]
-    first = evaluate()
-    metrics.log(step=0, **first)
-    log("step 0: " + _fmt(first))
-    last, losses, step, epoch, t0 = first, [], 0, 0, time.perf_counter()
-    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, disable=not cfg.progress)
-    try:
-        while step < total:
-            for batch in epoch_batches(epoch):
-                model.train()
-                with precision.autocast():
-                    loss, extra = step_loss(batch)
-                precision.backward(loss)  # fp16: the loss times the scale
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise NonFiniteLoss(f"non-finite loss ({value}) at step {step + 1}; try a lower --lr")
-                # unscale (fp16), clip, step -- or skip the step when fp16 gradients overflowed
-                _, skipped = precision.step(optimizer, params, cfg.grad_clip)
-                extra = {**extra, **precision.metrics(skipped)}
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                losses.append(value)
-                metrics.log(step=step, loss=value, epoch=epoch, **extra)
-                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-                bar.update(1)
-                if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == total:
-                    last = evaluate()
-                    metrics.log(step=step, **last)
-                    log(f"step {step} (epoch {epoch + 1}): batch loss {value:.4f}, " + _fmt(last))
-                if step == total:
-                    break
-            epoch += 1
-    finally:
-        bar.close()
-    return {"first_eval": first, "final_eval": last, "losses": losses, "steps": step, "epochs": epoch,
-            "seconds": time.perf_counter() - t0}
-
-
-def _fmt(d: dict) -> str:
-    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
-
-
-def seeded_generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +306,19 @@ def write_test_responses(model, test: list[dict], cfg: FinetuneConfig, out_dir: 
     path = out_dir / RESPONSES_NAME
     atomic_write_text(path, json.dumps(responses, indent=2, ensure_ascii=False) + "\n")
     return path
+
+
+def save_results(run: FinetuneRun, model: GPT, kind: str, extra: dict, test: list[dict], tokenizer):
+    """Rank 0 writes ckpt.pt (or lora.pt), test_responses.json and loss.png; then the run's resume state
+    goes.  Returns (the checkpoint written, the responses file), None on other ranks."""
+    cfg, out_dir = run.cfg, Path(run.cfg.out_dir)
+    saved = responses = None
+    if run.is_main:
+        saved = finish_and_save(model, cfg, out_dir, kind, {**extra, "tokenizer": tokenizer.name})
+        responses = write_test_responses(model, test, cfg, out_dir, run.device, run.precision.autocast, tokenizer)
+        plot(run.metrics, out_dir)
+    run.done()
+    return saved, responses
 
 
 def plot(metrics, out_dir: Path) -> None:

@@ -321,6 +321,7 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         return_logits: bool | None = None,
         last_only: bool = False,
+        return_hidden: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) int64 token ids -> (logits (B, T, V) or None, loss scalar or None).
 
@@ -330,7 +331,9 @@ class GPT(nn.Module):
         unless ``return_logits=False``.  With ``kv_cache`` the T tokens continue the cached ones:
         their positions start at ``kv_cache.length`` and the cache grows by T.  ``last_only=True``
         computes the logits of the last position only, (B, 1, V): all that sampling the next token
-        needs, without a (B, T, V) tensor (200 MB for T = 1024 in fp32).
+        needs, without a (B, T, V) tensor (200 MB for T = 1024 in fp32).  ``return_hidden=True``
+        returns ``(final hidden states (B, T, C), None)`` and skips the head: what ``llm/scoring.py``
+        applies the head to in chunks (a keyword, so it passes through DDP and torch.compile wrappers).
         """
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"idx must be (B, T) token ids with T >= 1, got shape {tuple(idx.shape)}")
@@ -365,6 +368,8 @@ class GPT(nn.Module):
             else:
                 x = block(x, kv_cache, rope)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
+        if return_hidden:
+            return x, None
 
         if return_logits is None:
             return_logits = targets is None

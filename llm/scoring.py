@@ -7,8 +7,8 @@ response under the policy and a frozen reference.  Both are :func:`sequence_logp
 
 Why chunked: full (B, T, V) logits plus their fp32 log-softmax are two V-wide tensors per token
 (2 x 4 x 50257 bytes = 400 KB a token for GPT-2, 400 MB at B*T = 1024) and dominate DPO's memory.
-Instead the model runs to its final hidden states (B, T, C) (read off ``ln_f`` by a forward hook, with
-``return_logits=False`` so GPT.forward never applies the head), and the head is applied ``chunk_size``
+Instead the model runs to its final hidden states (B, T, C) (``GPT.forward(idx, return_hidden=True)``,
+which never applies the head), and the head is applied ``chunk_size``
 rows at a time: logits of the chunk -> fp32 -> logsumexp -> gather.  With gradients on, each chunk is
 wrapped in a non-reentrant ``torch.utils.checkpoint``: only the chunk's (rows, C) hidden states are
 kept for backward, which recomputes that chunk's logits alone.  Peak memory is O(chunk_size x V), not
@@ -36,18 +36,23 @@ _CHUNK_ELEMS = 2**23
 
 
 def final_hidden_states(model: GPT, idx: torch.Tensor) -> torch.Tensor:
-    """The output of ``model.transformer.ln_f`` for ``idx``: (B, T, C), without the LM head."""
-    captured: list[torch.Tensor] = []
-    handle = model.transformer.ln_f.register_forward_hook(lambda _m, _inp, out: captured.append(out))
-    try:
-        model(idx, return_logits=False)
-    finally:
-        handle.remove()
-    return captured[-1]
+    """The output of ``model.transformer.ln_f`` for ``idx``: (B, T, C), without the LM head.
+    ``model`` may be wrapped (DistributedDataParallel, torch.compile): the call goes through the wrapper."""
+    return model(idx, return_hidden=True)[0]
+
+
+def unwrap(model):
+    """The module inside DistributedDataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
 
 
 def _has_head(model) -> bool:
     """A GPT (final norm ``transformer.ln_f`` then ``lm_head``), whose head can be applied in chunks."""
+    model = unwrap(model)
     transformer = getattr(model, "transformer", None)
     return hasattr(model, "lm_head") and transformer is not None and hasattr(transformer, "ln_f")
 
@@ -83,10 +88,10 @@ def token_logprobs(
     flat = targets.reshape(-1)  # (N,)
     keep = flat != ignore_index
     safe = torch.where(keep, flat, torch.zeros_like(flat))  # any valid id where ignored
-    V = model.config.vocab_size
+    V = unwrap(model).config.vocab_size
     rows = max(1, min(B * T, chunk_size or _CHUNK_ELEMS // V))
     recompute = torch.is_grad_enabled() and hidden.requires_grad
-    head = model.lm_head
+    head = unwrap(model).lm_head
     parts = []
     for start in range(0, B * T, rows):
         h, s = hidden[start : start + rows], safe[start : start + rows]

@@ -15,16 +15,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from . import train_setup
-from .finetune_common import (METRICS_NAME, FinetuneConfig, _opt, add_config_args, config_from_args,
-                              finish_and_save, load_start_model, load_tokenizer, log, maybe_apply_lora, plot,
-                              prepare_out_dir,
-                              require_batches, seeded_generator, setup_device, train_loop, write_test_responses)
+from .finetune_common import (FinetuneConfig, FinetuneRun, _opt, add_config_args, config_from_args, load_start_model,
+                              load_tokenizer, log, maybe_apply_lora, save_results)
 from .instruct import IGNORE_INDEX, INSTRUCTION_KEYS, InstructionDataset, collate, load_records, split_records
 
 __all__ = ["SFTConfig", "sft", "evaluate_loss", "add_sft_args", "run_sft"]
@@ -79,19 +76,15 @@ def _keep_learnable(ds: InstructionDataset, max_len: int, mask_prompt: bool, spl
 
 def sft(cfg: SFTConfig) -> dict:
     """Run supervised fine-tuning as ``cfg`` says; returns a summary dict (losses, paths, counts)."""
-    from .train_log import MetricsLog
-
     cfg.validate()
-    device, precision = setup_device(cfg)
-    autocast, compute_dtype = precision.autocast, precision.name
-    out_dir = Path(cfg.out_dir)
     records = load_records(cfg.data, INSTRUCTION_KEYS, cfg.limit)
     train, val, test = split_records(records, seed=cfg.split_seed)
     if not train or not val:
         raise ValueError(f"{len(records)} records give {len(train)} train and {len(val)} validation records; "
                          "SFT needs both (use at least 20 records)")
-    prepare_out_dir(out_dir, cfg.overwrite, clear=False)
-    with train_setup.kernels_backend(cfg.kernels):
+    with FinetuneRun(cfg, "sft") as run, train_setup.kernels_backend(cfg.kernels):
+        device, precision = run.device, run.precision
+        autocast, compute_dtype = precision.autocast, precision.name
         model, source = load_start_model(cfg)
         model.to(device)
         maybe_apply_lora(model, cfg)
@@ -102,36 +95,31 @@ def sft(cfg: SFTConfig) -> dict:
         val_ds = _keep_learnable(InstructionDataset(val, tokenizer), max_len, cfg.mask_prompt, "val")
         collate_fn = partial(collate, pad_token_id=tokenizer.eot_token, allowed_max_length=max_len,
                              mask_prompt=cfg.mask_prompt)
-        # drop_last as in the book: every step sees a full batch; the order is reshuffled each epoch
-        train_loader = DataLoader(train_ds, cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
-                                  generator=seeded_generator(cfg.seed))
         # evaluation always scores the same first batches, in file order
         train_eval = DataLoader(train_ds, cfg.batch_size, shuffle=False, collate_fn=collate_fn)
         val_eval = DataLoader(val_ds, cfg.batch_size, shuffle=False, collate_fn=collate_fn)
-        log(f"SFT: {len(train_ds)} train, {len(val_ds)} val, {len(test)} test records; {len(train_loader)} batches "
-            f"of {cfg.batch_size} per epoch; sequences up to {max_len} tokens; {device} {compute_dtype}; "
-            f"mask_prompt={cfg.mask_prompt}; from {source}")
+        # full batches only, as the book's drop_last; the order is reshuffled each epoch (llm/finetune_loop.py)
+        steps_per_epoch, total = run.schedule(len(train_ds))
+        log(f"SFT: {len(train_ds)} train, {len(val_ds)} val, {len(test)} test records; {steps_per_epoch} steps "
+            f"of {cfg.batch_size} x {cfg.grad_accum_steps} x {run.dist.world_size} records per epoch, {total} steps; "
+            f"sequences up to {max_len} tokens; {device} {compute_dtype}; mask_prompt={cfg.mask_prompt}; from {source}")
 
-        def step_loss(batch):
+        def step_loss(net, batch):
             x, y = batch[0].to(device), batch[1].to(device)
-            _, loss = model(x, y)
-            return loss, {"targets": int((y != IGNORE_INDEX).sum())}
+            _, loss = net(x, y)
+            return loss, {"targets": int((y != IGNORE_INDEX).sum()), "tokens": x.numel(), "seq_len": x.shape[1]}
 
         def evaluate():
             return {"train_loss": evaluate_loss(model, train_eval, device, autocast, cfg.eval_iters),
                     "val_loss": evaluate_loss(model, val_eval, device, autocast, cfg.eval_iters)}
 
-        require_batches(len(train_loader), cfg.batch_size)
-        prepare_out_dir(out_dir, cfg.overwrite)
-        metrics = MetricsLog(out_dir / METRICS_NAME)
-        result = train_loop(cfg, model, device, precision, lambda epoch: train_loader, len(train_loader),
-                            step_loss, evaluate, metrics, desc="sft")
+        run.start(model)
+        result = run.train(model, len(train_ds), lambda idx: collate_fn([train_ds[i] for i in idx]), step_loss,
+                           evaluate, desc="sft")
         first, final = result["first_eval"]["val_loss"], result["final_eval"]["val_loss"]
-        saved = finish_and_save(model, cfg, out_dir, "sft", {"source": source, "step": result["steps"],
-                                                             "initial_val_loss": first, "final_val_loss": final,
-                                                             "tokenizer": tokenizer.name})
-        responses = write_test_responses(model, test, cfg, out_dir, device, autocast, tokenizer)
-        plot(metrics, out_dir)
+        saved, responses = save_results(run, model, "sft", {"source": source, "step": result["steps"],
+                                                             "initial_val_loss": first, "final_val_loss": final},
+                                        test, tokenizer)
     log(f"val loss {first:.4f} -> {final:.4f} in {result['steps']} steps ({result['seconds']:.1f} s); saved {saved}"
         + (f"; test responses {responses}" if responses else ""))
     return {"initial_val_loss": first, "final_val_loss": final, "losses": result["losses"], "steps": result["steps"],
@@ -150,5 +138,5 @@ def add_sft_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_sft(args: argparse.Namespace) -> int:
-    sft(config_from_args(SFTConfig, args))
+    sft(config_from_args(SFTConfig, args, "sft"))
     return 0

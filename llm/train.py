@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,10 +29,11 @@ from tqdm.auto import tqdm
 
 from kernels import BACKENDS
 
-from . import distributed, train_setup
+from . import distributed, flops, train_setup
 from .checkpoint import (FORMAT, CheckpointError, RunLock, atomic_save, capture_rng, check_resumable,
                          load_checkpoint, load_model, remove_stale_temps, restore_rng, to_plain)
 from .optim import configure_optimizer, lr_at, set_lr
+from .tracking import TENSORBOARD_DIR, WANDB_ID_FILE, TrackingConfig, make_sinks
 from .train_log import MetricsLog, plot_losses
 
 __all__ = ["TrainConfig", "train", "resume_config", "NonFiniteLossError", "CheckpointError", "load_checkpoint", "load_model"]
@@ -47,8 +49,9 @@ def _opt(default, help: str):
 
 
 @dataclass
-class TrainConfig:
-    """Every knob of a pretraining run; each field is also a ``python -m llm pretrain`` flag."""
+class TrainConfig(TrackingConfig):
+    """Every knob of a pretraining run; each field is also a ``python -m llm pretrain`` flag
+    (the tracking ones, --logger, --wandb-project and --peak-tflops, come from ``llm/tracking.py``)."""
 
     # -- data and output
     out_dir: str = _opt("out", "folder for ckpt.pt, metrics.jsonl and loss.png")
@@ -101,6 +104,7 @@ class TrainConfig:
     loader: str = _opt("auto", "window sampling: random, sliding, or auto (sliding when the run covers the data)")
 
     def validate(self) -> None:
+        self.validate_tracking()
         for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -271,8 +275,13 @@ class Trainer:
             torch.manual_seed(cfg.seed + dist.rank)  # rank 0 matches a 1-process run; others get own dropout masks
         self.model = self._wrap(self.raw_model)
         self._clear_out_dir()  # only now: a bad flag or a typo in --data must not have cost the old run
-        self.metrics = MetricsLog(self.out_dir / METRICS_NAME, enabled=dist.is_main,
-                                  resume_step=self.step if ckpt is not None else None)
+        resume_step = self.step if ckpt is not None else None
+        sinks = make_sinks(cfg.logger, self.out_dir, asdict(cfg), resume_step=resume_step,
+                           wandb_project=cfg.wandb_project) if dist.is_main else []
+        self.metrics = MetricsLog(self.out_dir / METRICS_NAME, enabled=dist.is_main, resume_step=resume_step,
+                                  sinks=sinks)
+        self.flops_per_token = flops.flops_per_token(self.raw_model, self.block_size)
+        self.peak_tflops = cfg.peak_tflops or flops.peak_tflops(device)
         self.losses: list[float] = []
         self.last_val_loss, self.last_eval_step = None, -1
 
@@ -327,8 +336,9 @@ class Trainer:
         """Rank 0, with --overwrite: delete the old run's files, so that the folder never mixes two
         runs.  Called once the data, the model and every setting have been checked."""
         if self.dist.is_main and self.cfg.overwrite:
-            for name in (CKPT_NAME, METRICS_NAME, PLOT_NAME):
+            for name in (CKPT_NAME, METRICS_NAME, PLOT_NAME, WANDB_ID_FILE):
                 (self.out_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(self.out_dir / TENSORBOARD_DIR, ignore_errors=True)
 
     def _check_same_data(self, ckpt: dict) -> None:
         """Resuming on other data than the run started on (a corpus edited in place, even to the same
@@ -423,13 +433,15 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:.0f}", refresh=False)
                 bar.update(1)
                 self._after_step(record)
+            bar.close()
+            self.loop_seconds = time.perf_counter() - self.t_loop
+            if self.last_eval_step != self.step:
+                self._log_eval()
+            final_sample = self._sample() if cfg.sample_tokens > 0 else None
+            self._plot()
         finally:
             bar.close()
-        self.loop_seconds = time.perf_counter() - self.t_loop
-        if self.last_eval_step != self.step:
-            self._log_eval()
-        final_sample = self._sample() if cfg.sample_tokens > 0 else None
-        self._plot()
+            self.metrics.close()  # what was logged stays in the TensorBoard / wandb files, crash or not
         return self.summary(final_sample)
 
     def _train_step(self, step: int) -> dict:
@@ -464,6 +476,8 @@ class Trainer:
         self.losses.append(loss_value)
         record = dict(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens=self.tokens_seen,
                       tok_per_s=self.tokens_per_step / dt, dt_ms=1000 * dt)
+        record.update(flops.step_performance(record["tok_per_s"] / self.dist.world_size, self.flops_per_token,
+                                       self.peak_tflops, self.device))
         record.update(self.precision.metrics(skipped))
         self.metrics.log(**record)
         return record

@@ -2,12 +2,14 @@
 
 metrics.jsonl has one JSON object per line, of three kinds:
 
-* step records   ``{"step", "loss", "lr", "grad_norm", "tokens", "tok_per_s", "dt_ms"}``
+* step records   ``{"step", "loss", "lr", "grad_norm", "tokens", "tok_per_s", "dt_ms", "peak_mem_mb"}``, and
+  ``"mfu_pct"`` where the device's peak FLOP/s is known (``llm/flops.py``)
 * eval records   ``{"step", "val_loss", "val_ppl"}``  (step 0 is the model before training)
 * sample records ``{"step", "sample"}``
 
 A resumed run first drops the records past the checkpoint's step (a crashed run may have logged
-steps it never saved), so the file always reads as one uninterrupted run.
+steps it never saved), so the file always reads as one uninterrupted run.  Each record is also
+passed to the run's ``--logger`` sinks (TensorBoard, wandb: ``llm/tracking.py``).
 """
 from __future__ import annotations
 
@@ -52,12 +54,15 @@ def step_losses(records: list[dict]) -> list[float]:
 
 
 class MetricsLog:
-    """Append-only JSONL writer; a no-op when ``enabled`` is False (ranks other than 0)."""
+    """Append-only JSONL writer that also feeds ``sinks`` (objects with ``log(record)`` and
+    ``close()``, see ``llm/tracking.py``); a no-op when ``enabled`` is False (ranks other than 0)."""
 
-    def __init__(self, path: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None,
+                 sinks: list | None = None):
         self.path = Path(path)
         self.enabled = enabled
         self.records: list[dict] = []
+        self.sinks = list(sinks or []) if enabled else []
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,6 +77,14 @@ class MetricsLog:
         self.records.append(record)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.log(record)
+
+    def close(self) -> None:
+        """Close the sinks (flushes TensorBoard's event file, finishes the wandb run); idempotent."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
 
 
 def plot_losses(records: list[dict], path: str | os.PathLike, *, yardstick: float | None = None) -> None:

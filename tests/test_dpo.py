@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from llm.checkpoint import FORMAT, atomic_save
-from llm.dpo import (PREFERENCE_KEYS, PreferenceDataset, add_dpo_args, collate_pairs, dpo_batch_loss, dpo_loss,
-                     evaluate_pairs, run_dpo)
-from llm.finetune_common import load_lora_checkpoint
+from llm.dpo import (PREFERENCE_KEYS, DPOConfig, PreferenceDataset, add_dpo_args, collate_pairs, dpo_batch_loss,
+                     dpo_loss, evaluate_pairs, run_dpo)
+from llm.finetune_common import config_from_args, load_lora_checkpoint
 from llm.instruct import load_records, split_records
 from llm.lora import LoRALinear
 from llm.model import GPT, GPTConfig
@@ -97,7 +97,8 @@ def test_cli_run_with_unmerged_lora(start_checkpoint, tmp_path):
                          "--max-length", "64", "--lr", "1e-2", "--lora-rank", "2", "--no-merge-lora",
                          "--eval-iters", "1", "--eval-interval", "0", "--max-new-tokens", "2",
                          "--num-test-responses", "1", "--device", "cpu", "--no-progress", "--out-dir", str(tmp_path)])
-    assert args.beta == 0.1 and args.data == "instruction-data-with-preference" and args.merge_lora is False
+    cfg = config_from_args(DPOConfig, args)  # untyped flags take the config's defaults
+    assert cfg.beta == 0.1 and cfg.data == "instruction-data-with-preference" and cfg.merge_lora is False
     assert run_dpo(args) == 0
     assert not (tmp_path / "ckpt.pt").exists() and (tmp_path / "lora.pt").is_file()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llm.checkpoint import FORMAT, atomic_save, load_checkpoint, load_model
+from llm.finetune_common import config_from_args
 from llm.instruct import load_records, split_records
 from llm.model import GPT, GPTConfig
 from llm.sft import SFTConfig, add_sft_args, run_sft, sft
@@ -70,7 +71,7 @@ def test_config_errors_are_named(tmp_path):
         SFTConfig(preset="tiny", max_length=1).validate()
     with pytest.raises(ValueError, match="1 records give 0 train"):
         sft(SFTConfig(preset="tiny", limit=1, device="cpu", progress=False, out_dir=str(tmp_path)))
-    with pytest.raises(ValueError, match="no full batch of 8"):
+    with pytest.raises(ValueError, match="fewer than one step.s batch_size x grad_accum_steps x world size = 8 x 1 x 1"):
         sft(SFTConfig(preset="tiny", limit=5, device="cpu", progress=False, out_dir=str(tmp_path)))
     assert list(tmp_path.iterdir()) == []  # a run that cannot start writes nothing
 
@@ -82,10 +83,11 @@ def test_cli_lora_run_merges_into_a_plain_checkpoint(tmp_path):
                          "--max-length", "48", "--lr", "1e-2", "--lora-rank", "2", "--lora-alpha", "4",
                          "--eval-iters", "1", "--max-new-tokens", "2", "--num-test-responses", "1",
                          "--device", "cpu", "--no-progress", "--out-dir", str(tmp_path)])
-    assert args.lora_rank == 2 and args.merge_lora is True and args.mask_prompt is False
+    cfg = config_from_args(SFTConfig, args)  # untyped flags take the config's defaults
+    assert cfg.lora_rank == 2 and cfg.merge_lora is True and cfg.mask_prompt is False
     assert run_sft(args) == 0
     merged = load_model(tmp_path / "ckpt.pt")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(cfg.seed)
     start = GPT(GPTConfig.from_preset("tiny"))  # the preset's init, as the run drew it
     # LoRA touched only the block Linears: they moved, the embedding and LayerNorms did not
     sd, sd0 = merged.state_dict(), start.state_dict()
