@@ -33,8 +33,10 @@ $(VENV)/.extras: $(VENV)/.installed requirements-extras.txt
 	$(BIN)/pip install -r requirements-extras.txt
 	touch $@
 
+# -n auto: one pytest-xdist worker per core (the tests themselves use one thread each, tests/conftest.py);
+# --durations: the slowest tests are named at the end, so a suite that grows slow says where.
 test: install $(VENV)/.extras
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --durations=25
 
 # The Triton tests again with the GPU machines' triton 3.6 (beside a CPU torch 2.13), in a venv of their
 # own (.ci/requirements-triton36.txt): its interpreter runs every kernel on the CPU, and the
@@ -51,7 +53,7 @@ $(VENV36)/.installed: .ci/requirements-triton36.txt
 	touch $@
 
 test-triton36: $(VENV36)/.installed
-	$(VENV36)/bin/python -m pytest $(TRITON36_TESTS)
+	$(VENV36)/bin/python -m pytest -n auto --durations=10 $(TRITON36_TESTS)
 
 clean:
 	rm -rf $(VENV) $(VENV36) build *.egg-info

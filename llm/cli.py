@@ -34,6 +34,8 @@ examples:
   llm eval perplexity tinyshakespeare --split val    # of out/ckpt.pt
   llm sft --hf-model gpt2-dir --lora-rank 16 --out-dir out/sft   # instruction-tune GPT-2 with LoRA
   llm dpo --checkpoint out/sft/ckpt.pt --out-dir out/dpo         # then preference-tune it
+  llm sft --resume --out-dir out/sft                             # continue an interrupted run
+  llm pretrain --logger tensorboard,wandb                        # also TensorBoard / offline wandb logs
 """
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 

@@ -126,7 +126,7 @@ class FinetuneRun:
             if self.cfg.resume:
                 self.state = load_state(self.out_dir, self.kind)
                 check_same_run(self.state["finetune_config"], self.cfg, self.state["world_size"], self.dist.world_size)
-            else:
+            elif self.is_main:  # (other ranks could see files rank 0 has already started writing)
                 from .finetune_common import prepare_out_dir
 
                 prepare_out_dir(self.out_dir, self.cfg.overwrite, clear=False)  # fail fast, delete nothing yet

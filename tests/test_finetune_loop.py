@@ -30,6 +30,17 @@ def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
+def _assert_same_training(a: dict, b: dict, lr: float) -> None:
+    """Two runs that summed the same gradients in another order.  Adam divides by sqrt(v): where a
+    gradient is ~0 (embedding rows of tokens barely seen) fp32 noise becomes an update of up to lr.
+    So nearly every weight equal to 1e-5, and none more than a tenth of one step's largest update apart."""
+    assert a.keys() == b.keys()
+    for k in a:
+        close = torch.isclose(a[k], b[k], rtol=0, atol=1e-5).float().mean().item()
+        assert close > 0.999, (k, close)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=lr / 10)
+
+
 def test_sft_resumed_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch):
     full = sft(SFTConfig(**SFT, out_dir=str(tmp_path / "full")))
     assert not (tmp_path / "full" / STATE_NAME).exists()  # a finished run drops its resume state
@@ -87,9 +98,7 @@ def test_gradient_accumulation_equals_the_bigger_batch(tmp_path):
                                       out_dir=str(tmp_path / "acc")))
     # the same 4 records a step (llm/finetune_loop.py's micro-batch order), the loss the mean over them
     torch.testing.assert_close(torch.tensor(acc["losses"]), torch.tensor(big["losses"]), rtol=1e-5, atol=1e-6)
-    a, b = _weights(tmp_path / "big" / "ckpt.pt"), _weights(tmp_path / "acc" / "ckpt.pt")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    _assert_same_training(_weights(tmp_path / "big" / "ckpt.pt"), _weights(tmp_path / "acc" / "ckpt.pt"), 1e-3)
     steps = [r for r in read_metrics(tmp_path / "acc" / "metrics.jsonl") if "loss" in r]
     assert [r["tokens"] > 0 and r["tok_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in steps] == [True] * 4
 
@@ -139,5 +148,4 @@ def test_dpo_on_two_gloo_ranks_matches_one_process_with_accumulation(tmp_path):
     assert len(ddp) == 3 and ddp[-1] != ddp[0]
     torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-6)
     a, b = _weights(ddp_dir / "ckpt.pt"), _weights(tmp_path / "single" / "ckpt.pt")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    _assert_same_training(a, b, run["lr"])
