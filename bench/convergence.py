@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 from bench.common import environment, markdown_table, save_figure, write_results  # noqa: E402
-from llm.train import TrainConfig, train  # noqa: E402
+from llm.train.pretrain import TrainConfig, train  # noqa: E402
 
 
 def run_backend(backend: str, args, work: Path) -> dict:

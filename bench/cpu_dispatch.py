@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
     reps = args.reps or (3 if args.quick else 7)
-    from llm import train_setup
+    from llm.train import train_setup
 
     train_setup.keep_freed_memory()  # as llm pretrain does on a CPU
 

@@ -29,7 +29,7 @@ to bf16 noise: a cheap cross-check), and MFU = achieved FLOP/s / the GPU's peak 
 with FLOPs per token = 6·N + 6·L·T·d: 6·N for the forward and backward matmuls of the N
 non-embedding parameters (the tied LM head included, the position table not), plus the attention
 score and value matmuls, 12·L·T·d halved by the causal mask (as in the PaLM paper's appendix B).
-The peaks come from :data:`llm.flops.PEAK_BF16_TFLOPS` (vendor datasheets, dense, no sparsity).  On a CPU the
+The peaks come from :data:`llm.train.flops.PEAK_BF16_TFLOPS` (vendor datasheets, dense, no sparsity).  On a CPU the
 ceiling is measured in the same run instead, right before each provider (a VM's clock drifts: one
 rate at the start moved between 264 and 343 GFLOP/s from run to run): ``torch.mm`` FLOP/s on 2048 x
 2048 fp32 matrices (``mm_gflops``); the matmul floor of a step is its FLOPs at that rate
@@ -52,9 +52,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 from bench.common import environment, markdown_table, report_row, save_figure, write_results  # noqa: E402
-from llm.flops import PEAK_BF16_TFLOPS, flops_per_token, peak_tflops  # noqa: E402,F401
+from llm.train.flops import PEAK_BF16_TFLOPS, flops_per_token, peak_tflops  # noqa: E402,F401
 from llm.model import GPT, GPTConfig  # noqa: E402
-from llm.optim import configure_optimizer  # noqa: E402
+from llm.train.optim import configure_optimizer  # noqa: E402
 
 PROVIDERS = ("reference", "pytorch", "pytorch+compile", "triton", "triton+compile", "cuda", "cuda+compile", "auto")
 DEFAULT_PROVIDERS = ("reference", "pytorch+compile", "triton", "triton+compile", "cuda", "cuda+compile")
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     args.steps = args.steps or (2 if quick else 5 if cpu else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 4 if cpu else 5)
     if device.type == "cpu":
-        from llm import train_setup
+        from llm.train import train_setup
 
         train_setup.keep_freed_memory()  # as llm pretrain does on a CPU
     args.mm_gflops = None  # measured before each provider on a CPU

@@ -34,7 +34,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
-from .instruct import PREAMBLE, RESPONSE_HEADER, format_input, format_response
+from .finetune.instruct import PREAMBLE, RESPONSE_HEADER, format_input, format_response
 
 __all__ = ["build_prompt", "fit_history", "stop_marker", "cut_at_stop", "Chat", "add_chat_args", "run_chat"]
 
@@ -240,7 +240,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from .cli import _load_for_generate
     from .generate import _check_sampling_args
     from .tokenizer import check_vocab_fits, get_tokenizer
-    from .train_setup import resolve_device
+    from .train.train_setup import resolve_device
 
     try:
         import readline  # noqa: F401  (input() gains line editing and history)

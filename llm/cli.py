@@ -88,7 +88,7 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     (default SUPPRESS) so that ``--resume`` can tell what the user asked to change; the defaults
     are TrainConfig's and shown in the help."""
     from .model import PRESETS
-    from .train import CHOICES, TrainConfig
+    from .train.pretrain import CHOICES, TrainConfig
 
     helps = TrainConfig.help()
     for f in fields(TrainConfig):
@@ -113,13 +113,13 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from .train import CKPT_NAME, TrainConfig, resume_config, train
+    from .train.pretrain import CKPT_NAME, TrainConfig, resume_config, train
 
     typed = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     cfg = TrainConfig(**typed)  # the defaults for what was not typed
     ckpt_path = os.path.join(cfg.out_dir, CKPT_NAME)
     if cfg.resume and os.path.isfile(ckpt_path):  # (no checkpoint: train() says so)
-        from .checkpoint import load_checkpoint
+        from .train.checkpoint import load_checkpoint
 
         # A resumed run continues with the settings it was started with; typed flags override them.
         cfg = resume_config(load_checkpoint(ckpt_path).get("train_config", {}), {**typed, "out_dir": cfg.out_dir})
@@ -151,7 +151,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 def _load_for_generate(args: argparse.Namespace, device):
     """(model, default prompt, tokenizer it was trained with) from --hf-dir or --checkpoint."""
-    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .train.checkpoint import load_checkpoint, model_from_checkpoint
     from .model import GPT
     from .tokenizer import checkpoint_tokenizer, folder_tokenizer
 
@@ -169,7 +169,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from .generate import generate_text, stream_text
     from .tokenizer import check_vocab_fits, get_tokenizer
-    from .train_setup import resolve_device
+    from .train.train_setup import resolve_device
 
     device = resolve_device(args.device)
     model, default_prompt, trained_with = _load_for_generate(args, device)
@@ -212,11 +212,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "generate": ("generate text from a checkpoint", add_generate_args, run_generate),
     "eval": ("evaluate a model: perplexity, multiple choice, GSM8K, HumanEval", _lazy("eval.cli", "add_eval_args"),
              _lazy("eval.cli", "run_eval")),
-    "sft": ("supervised instruction fine-tuning (full or LoRA)", _lazy("sft", "add_sft_args"), _lazy("sft", "run_sft")),
-    "dpo": ("direct preference optimization on chosen/rejected pairs", _lazy("dpo", "add_dpo_args"),
-            _lazy("dpo", "run_dpo")),
+    "sft": ("supervised instruction fine-tuning (full or LoRA)", _lazy("finetune.sft", "add_sft_args"), _lazy("finetune.sft", "run_sft")),
+    "dpo": ("direct preference optimization on chosen/rejected pairs", _lazy("finetune.dpo", "add_dpo_args"),
+            _lazy("finetune.dpo", "run_dpo")),
     "classify": ("fine-tune a GPT as a text classifier (the book's spam classifier), or --predict with one",
-                 _lazy("classify", "add_classify_args"), _lazy("classify", "run_classify")),
+                 _lazy("finetune.classify", "add_classify_args"), _lazy("finetune.classify", "run_classify")),
     "chat": ("talk to an instruction-tuned checkpoint (Alpaca template, streamed)", _lazy("chat", "add_chat_args"),
              _lazy("chat", "run_chat")),
     "tokenizer": ("train a byte-level BPE tokenizer on a corpus (tiktoken format)", _lazy("bpe", "add_tokenizer_args"),
@@ -242,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from .checkpoint import CheckpointError
-    from .train import NonFiniteLossError
+    from .train.checkpoint import CheckpointError
+    from .train.pretrain import NonFiniteLossError
 
     try:
         return args.func(args)

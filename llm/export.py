@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .train.checkpoint import load_checkpoint, model_from_checkpoint
 from .tokenizer import GPT2, EOT_TEXT, checkpoint_tokenizer, get_tokenizer
 
 __all__ = ["add_export_args", "run_export", "export_hf", "export_gguf", "gpt2_vocab_and_merges"]

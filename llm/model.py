@@ -232,7 +232,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     # On a CPU with a tied head, the token lookup's gradient is sparse inside autograd (_embed_tokens);
-    # False forces the dense form (llm.memory.measure_peak does, as its tracker cannot follow sparse tensors).
+    # False forces the dense form (llm.train.memory.measure_peak does, as its tracker cannot follow sparse tensors).
     sparse_embedding_grad: bool = True
 
     def __init__(self, config: GPTConfig):

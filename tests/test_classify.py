@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm import classify as C
-from llm.classify_data import balance, encode_batch, label_names, load_labelled, split
+from llm.finetune import classify as C
+from llm.finetune.classify_data import balance, encode_batch, label_names, load_labelled, split
 from llm.data import corpora
 from llm.model import GPT, GPTConfig
 

@@ -9,7 +9,7 @@ from dataclasses import fields
 import pytest
 
 from llm.cli import main
-from llm.train import TrainConfig
+from llm.train.pretrain import TrainConfig
 
 
 def llm(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -118,8 +118,8 @@ RESUME_RUN = [*TINY, "--batch-size", "2", "--grad-accum-steps", "2", "--dropout"
 
 
 def test_resume_continues_the_run_with_its_own_settings(tmp_path, monkeypatch, capsys):
-    from llm.train import Trainer
-    from llm.train_log import read_metrics, step_losses
+    from llm.train.pretrain import Trainer
+    from llm.train.train_log import read_metrics, step_losses
 
     assert main(["pretrain", *RESUME_RUN, "--out-dir", str(tmp_path / "full")]) == 0
     real_after_step = Trainer._after_step

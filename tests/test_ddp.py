@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from llm.checkpoint import load_checkpoint
-from llm.train import TrainConfig, train
-from llm.train_log import read_metrics, step_losses
+from llm.train.checkpoint import load_checkpoint
+from llm.train.pretrain import TrainConfig, train
+from llm.train.train_log import read_metrics, step_losses
 
 pytestmark = pytest.mark.slow  # ~15 s: two extra Python processes importing torch
 

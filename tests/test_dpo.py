@@ -1,4 +1,4 @@
-"""llm.dpo: the loss by hand, the batch layout, learning the preferences, and a CLI run end to end."""
+"""llm.finetune.dpo: the loss by hand, the batch layout, learning the preferences, and a CLI run end to end."""
 import argparse
 import contextlib
 import copy
@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from llm.checkpoint import FORMAT, atomic_save
-from llm.dpo import (PREFERENCE_KEYS, DPOConfig, PreferenceDataset, add_dpo_args, collate_pairs, dpo_batch_loss,
+from llm.train.checkpoint import FORMAT, atomic_save
+from llm.finetune.dpo import (PREFERENCE_KEYS, DPOConfig, PreferenceDataset, add_dpo_args, collate_pairs, dpo_batch_loss,
                      dpo_loss, evaluate_pairs, run_dpo)
-from llm.finetune_common import config_from_args, load_lora_checkpoint
-from llm.instruct import load_records, split_records
-from llm.lora import LoRALinear
+from llm.finetune.common import config_from_args, load_lora_checkpoint
+from llm.finetune.instruct import load_records, split_records
+from llm.finetune.lora import LoRALinear
 from llm.model import GPT, GPTConfig
 from llm.scoring import sequence_logprobs
 from llm.tokenizer import get_tokenizer

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from llm.checkpoint import FORMAT, CheckpointError, load_model
+from llm.train.checkpoint import FORMAT, CheckpointError, load_model
 from llm.data import fetch_corpus
 from llm.eval.cli import add_eval_args, run_eval
 from llm.eval.perplexity import perplexity

@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from llm.checkpoint import FORMAT, CheckpointError, load_model  # noqa: E402
+from llm.train.checkpoint import FORMAT, CheckpointError, load_model  # noqa: E402
 from llm.export import (add_export_args, export_gguf, export_hf, gguf_tensors, llama_permute,  # noqa: E402
                         run_export)
 from llm.model import GPT, GPTConfig  # noqa: E402

@@ -15,7 +15,7 @@ import torch
 from conftest import LLAMA3_PATTERN, train_tiny_tokenizer
 
 from llm import data
-from llm.checkpoint import load_checkpoint
+from llm.train.checkpoint import load_checkpoint
 from llm.cli import main
 from llm.data import fetch_corpus
 from llm.data.tokenfiles import _CUT, _NEWLINE_CUT, split_for_tokenizer
@@ -23,7 +23,7 @@ from llm.generate import generate_text
 from llm.hf_tokenizer import HFTokenizer
 from llm.model import GPT, GPTConfig
 from llm.tokenizer import check_vocab_fits, get_tokenizer
-from llm.train import TrainConfig, check_resume_config, train
+from llm.train.pretrain import TrainConfig, check_resume_config, train
 
 TEXTS = [
     "",
@@ -239,8 +239,8 @@ def test_a_resumed_run_keeps_its_tokenizer(hf_tokenizer_dir):
 
 
 def test_a_hugging_face_model_folder_brings_its_own_tokenizer(hf_tokenizer_dir, corpus, tmp_path, capsys):
-    from llm.finetune_common import load_tokenizer
-    from llm.sft import SFTConfig
+    from llm.finetune.common import load_tokenizer
+    from llm.finetune.sft import SFTConfig
 
     folder = tmp_path / "model"
     model = GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=16))

@@ -1,11 +1,11 @@
-"""llm.instruct: the Alpaca prompt, record checks, splits, collate layout, and what masking does to the loss."""
+"""llm.finetune.instruct: the Alpaca prompt, record checks, splits, collate layout, and what masking does to the loss."""
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.instruct import (EOT, InstructionDataset, collate, format_input, format_response, load_records,
+from llm.finetune.instruct import (EOT, InstructionDataset, collate, format_input, format_response, load_records,
                           prompt_ids, split_records)
 from llm.model import GPT, GPTConfig
 from llm.tokenizer import get_tokenizer

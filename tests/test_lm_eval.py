@@ -18,7 +18,7 @@ import torch
 for _flag in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # before datasets is imported (read at import)
     os.environ.setdefault(_flag, "1")
 
-from llm.checkpoint import FORMAT  # noqa: E402
+from llm.train.checkpoint import FORMAT  # noqa: E402
 from llm.eval.cli import add_eval_args, run_eval  # noqa: E402
 from llm.eval.multiple_choice import evaluate_multiple_choice  # noqa: E402
 from llm.eval.perplexity import perplexity  # noqa: E402

@@ -1,9 +1,9 @@
-"""llm.lora: identity at init, only the factors learn, merging changes no logit, the count formula."""
+"""llm.finetune.lora: identity at init, only the factors learn, merging changes no logit, the count formula."""
 import pytest
 import torch
 import torch.nn as nn
 
-from llm.lora import (LoRALinear, apply_lora, count_parameters, describe_trainable, load_lora_state_dict,
+from llm.finetune.lora import (LoRALinear, apply_lora, count_parameters, describe_trainable, load_lora_state_dict,
                       lora_state_dict, merge_lora)
 from llm.model import GPT, GPTConfig
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernels
-from llm import memory
+from llm.train import memory
 from llm.model import GPT, GPTConfig
 
 pytest.importorskip("torch.distributed._tools.mem_tracker", reason="this torch has no MemTracker to measure with")
@@ -152,7 +152,7 @@ def test_generation_ignores_checkpointing():
 # ----------------------------------------------------------------------------- the estimate in training
 
 def test_training_prints_the_estimate_and_refuses_what_cannot_fit(tmp_path, monkeypatch, capsys):
-    from llm.train import TrainConfig, train
+    from llm.train.pretrain import TrainConfig, train
 
     cfg = dict(out_dir=str(tmp_path / "run"), data="the-verdict", preset="tiny", block_size=32, batch_size=4,
                max_steps=2, eval_iters=1, checkpoint_interval=0, sample_tokens=0, progress=False, device="cpu")
@@ -175,7 +175,7 @@ def test_training_prints_the_estimate_and_refuses_what_cannot_fit(tmp_path, monk
 
 
 def test_fine_tuning_with_checkpointing_has_the_same_losses(tmp_path, monkeypatch):
-    from llm.sft import SFTConfig, sft
+    from llm.finetune.sft import SFTConfig, sft
 
     calls = []
     real = torch.utils.checkpoint.checkpoint

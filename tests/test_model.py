@@ -630,7 +630,7 @@ def test_activation_checkpointing_with_rope(make):
 
 
 def test_untie_weights_and_lora_on_qwen3():
-    from llm.lora import apply_lora, merge_lora
+    from llm.finetune.lora import apply_lora, merge_lora
 
     torch.manual_seed(0)
     model = GPT(qwen3_config()).eval()

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm.checkpoint import CheckpointError, RunLock, check_resumable, load_checkpoint
-from llm.train import train
-from llm.train_log import read_metrics
+from llm.train.checkpoint import CheckpointError, RunLock, check_resumable, load_checkpoint
+from llm.train.pretrain import train
+from llm.train.train_log import read_metrics
 from test_train import file_digest, tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
 def test_a_full_disk_while_checkpointing_says_so_and_keeps_the_last_checkpoint(a_run, monkeypatch):
     import shutil
 
-    from llm import checkpoint
+    from llm.train import checkpoint
 
     good = file_digest(a_run / "ckpt.pt")
 

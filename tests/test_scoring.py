@@ -102,7 +102,7 @@ def test_chunked_matches_on_rope_models(preset):
 
 
 def test_chunked_with_lora_head_and_bf16_autocast():
-    from llm.lora import apply_lora
+    from llm.finetune.lora import apply_lora
     model = _tiny(61, tied=False)
     apply_lora(model, rank=2, alpha=4.0, targets="c_attn,lm_head")
     for n, p in model.named_parameters():  # make B non-zero so the adapters change the logits
@@ -132,7 +132,7 @@ def test_chunk_size_must_be_positive(model):
 
 class _PeakTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
     """Peak bytes of tensors created under the mode and still alive (each storage counted once, freed
-    when its last tensor dies).  PyTorch's MemTracker (llm/memory.py) cannot be used here: it refuses a
+    when its last tensor dies).  PyTorch's MemTracker (llm/train/memory.py) cannot be used here: it refuses a
     module (the LM head) called more than once per iteration, which is what chunking does."""
 
     def __init__(self):

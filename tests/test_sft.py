@@ -1,15 +1,15 @@
-"""llm.sft end to end on a tiny model: the val loss falls, the outputs are written and load back."""
+"""llm.finetune.sft end to end on a tiny model: the val loss falls, the outputs are written and load back."""
 import argparse
 import json
 
 import pytest
 import torch
 
-from llm.checkpoint import FORMAT, atomic_save, load_checkpoint, load_model
-from llm.finetune_common import config_from_args
-from llm.instruct import load_records, split_records
+from llm.train.checkpoint import FORMAT, atomic_save, load_checkpoint, load_model
+from llm.finetune.common import config_from_args
+from llm.finetune.instruct import load_records, split_records
 from llm.model import GPT, GPTConfig
-from llm.sft import SFTConfig, add_sft_args, run_sft, sft
+from llm.finetune.sft import SFTConfig, add_sft_args, run_sft, sft
 from llm.tokenizer import get_tokenizer
 
 # A tiny model on real records; sequences cut at 64 tokens (every prompt of the first 40 fits, so
@@ -100,8 +100,8 @@ def test_cli_lora_run_merges_into_a_plain_checkpoint(tmp_path):
 
 
 def test_start_model_from_hf_folder_and_checkpoint(tmp_path):
-    from llm.checkpoint import FORMAT, atomic_save
-    from llm.finetune_common import load_start_model
+    from llm.train.checkpoint import FORMAT, atomic_save
+    from llm.finetune.common import load_start_model
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32))

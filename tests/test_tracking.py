@@ -1,8 +1,8 @@
-"""What a run reports: the MFU / FLOPs formula (llm/flops.py, shared with bench/train.py) and where the
-metrics go (--logger: llm/tracking.py), read back from the TensorBoard event files and the wandb run."""
+"""What a run reports: the MFU / FLOPs formula (llm/train/flops.py, shared with bench/train.py) and where the
+metrics go (--logger: llm/train/tracking.py), read back from the TensorBoard event files and the wandb run."""
 import torch
 
-from llm.flops import flops_per_token, mfu_pct, peak_tflops
+from llm.train.flops import flops_per_token, mfu_pct, peak_tflops
 from llm.model import GPT, GPTConfig
 
 
@@ -21,7 +21,7 @@ def test_mfu_pct_and_no_made_up_peak_on_cpu():
     assert abs(mfu_pct(1e3, 1e9, 100.0) - 1.0) < 1e-12  # 1e12 FLOP/s of a 1e14 FLOP/s peak
 
 
-# ------------------------------------------------------------------------------ --logger (llm/tracking.py)
+# ------------------------------------------------------------------------------ --logger (llm/train/tracking.py)
 
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -29,9 +29,9 @@ import types  # noqa: E402
 
 import pytest  # noqa: E402
 
-from llm.tracking import WANDB_ID_FILE, WandbSink, parse_loggers  # noqa: E402
-from llm.train import TrainConfig, train  # noqa: E402
-from llm.train_log import read_metrics  # noqa: E402
+from llm.train.tracking import WANDB_ID_FILE, WandbSink, parse_loggers  # noqa: E402
+from llm.train.pretrain import TrainConfig, train  # noqa: E402
+from llm.train.train_log import read_metrics  # noqa: E402
 
 RUN = dict(preset="tiny", data="the-verdict", block_size=32, batch_size=2, max_steps=6, eval_interval=3,
            checkpoint_interval=3, eval_iters=2, sample_tokens=0, device="cpu", progress=False, seed=5)

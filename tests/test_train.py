@@ -14,8 +14,8 @@ import types
 import pytest
 import torch
 
-from llm import train_setup
-from llm.checkpoint import (
+from llm.train import train_setup
+from llm.train.checkpoint import (
     CheckpointError,
     atomic_save,
     capture_rng,
@@ -25,8 +25,8 @@ from llm.checkpoint import (
 )
 from llm.data import TokenLoader
 from llm.model import GPT, GPTConfig
-from llm.optim import lr_at, param_groups
-from llm.train import (
+from llm.train.optim import lr_at, param_groups
+from llm.train.pretrain import (
     NonFiniteLossError,
     TrainConfig,
     Trainer,
@@ -34,7 +34,7 @@ from llm.train import (
     resume_config,
     train,
 )
-from llm.train_log import read_metrics, step_losses
+from llm.train.train_log import read_metrics, step_losses
 
 
 def tiny_cfg(out_dir, **overrides) -> TrainConfig:
@@ -195,7 +195,7 @@ def test_resume_from_a_finetuning_checkpoint_is_a_clear_error(tmp_path):
     out = tmp_path / "sft"
     out.mkdir()
     model = GPT(GPTConfig.from_preset("tiny"))
-    from llm.checkpoint import FORMAT
+    from llm.train.checkpoint import FORMAT
 
     torch.save({"format": FORMAT, "kind": "sft", "model_config": model.config.to_dict(), "model": model.state_dict()}, out / "ckpt.pt")
     with pytest.raises(CheckpointError, match="not a pretraining checkpoint \\(kind 'sft'"):
@@ -347,8 +347,8 @@ def test_resume_on_another_world_size_gives_ranks_their_own_dropout(tmp_path):
 
 
 def test_metrics_rewrite_on_resume_is_durable(tmp_path, monkeypatch):
-    import llm.checkpoint
-    from llm.train_log import MetricsLog
+    import llm.train.checkpoint
+    from llm.train.train_log import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
     log = MetricsLog(path)
@@ -356,7 +356,7 @@ def test_metrics_rewrite_on_resume_is_durable(tmp_path, monkeypatch):
         log.log(step=step, loss=float(step))
     synced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(llm.checkpoint.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    monkeypatch.setattr(llm.train.checkpoint.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
     assert [r["step"] for r in MetricsLog(path, resume_step=2).records] == [1, 2]
     assert [r["step"] for r in read_metrics(path)] == [1, 2]
     assert synced  # written through the fsync-ing atomic writer, like the checkpoint
@@ -398,7 +398,7 @@ def test_an_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path):
 
 
 def _one_process():
-    from llm import distributed
+    from llm.train import distributed
 
     return distributed.DistInfo()
 

@@ -333,7 +333,7 @@ _WORK_FOLDER = re.compile(r"^\..+\.tmp-(\d+)-")
 def remove_stale_folders(tokens_dir: Path) -> list[Path]:
     """Delete the work folders (``.<name>.tmp-<pid>-*``) of prepares that were killed mid-way: a
     folder whose pid is no longer alive is a leftover (a live one may be another prepare, running)."""
-    from ..checkpoint import _pid_alive
+    from ..train.checkpoint import _pid_alive
 
     removed = []
     for folder in tokens_dir.glob(".*.tmp-*"):

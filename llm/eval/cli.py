@@ -94,7 +94,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                             "Python guard that an adversarial program gets around (says what is not contained)")
     sp_he.add_argument("--canonical", action="store_true",
                        help="run the dataset's own solutions instead of a model (all should pass)")
-    from ..train_setup import DTYPES
+    from ..train.train_setup import DTYPES
 
     sp_lm = task("lm-eval")
     sp_lm.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (hellaswag,arc_easy)")
@@ -111,7 +111,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 def _load_model(args, device):
     """(model, description of where it came from) for --hf-model or --checkpoint; the description's
     ``tokenizer`` is the one the model was trained with."""
-    from ..checkpoint import load_checkpoint, model_from_checkpoint
+    from ..train.checkpoint import load_checkpoint, model_from_checkpoint
     from ..model import GPT
     from ..tokenizer import checkpoint_tokenizer, folder_tokenizer
 
@@ -177,7 +177,7 @@ def _run_task(args, model, tokenizer) -> tuple[dict, dict, list]:
                       limit=args.limit)
         return out["metrics"], config, out["items"]
     if args.task == "lm-eval":
-        from ..train_setup import choose_precision
+        from ..train.train_setup import choose_precision
         from .lm_eval_adapter import run_lm_eval
 
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -214,7 +214,7 @@ def _humaneval_limits(args: argparse.Namespace):
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..train_setup import resolve_device
+    from ..train.train_setup import resolve_device
 
     _check_positive(args, "limit", "block_size", "stride", "batch_size", "n_samples", "max_new_tokens", "workers",
                     "memory_mb")
@@ -255,7 +255,7 @@ def run_eval(args: argparse.Namespace) -> int:
                    "seconds": round(seconds, 3)},
         "items": items,
     }
-    from ..checkpoint import atomic_write_text
+    from ..train.checkpoint import atomic_write_text
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")

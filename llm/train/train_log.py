@@ -3,13 +3,13 @@
 metrics.jsonl has one JSON object per line, of three kinds:
 
 * step records   ``{"step", "loss", "lr", "grad_norm", "tokens", "tok_per_s", "dt_ms", "peak_mem_mb"}``, and
-  ``"mfu_pct"`` where the device's peak FLOP/s is known (``llm/flops.py``)
+  ``"mfu_pct"`` where the device's peak FLOP/s is known (``llm/train/flops.py``)
 * eval records   ``{"step", "val_loss", "val_ppl"}``  (step 0 is the model before training)
 * sample records ``{"step", "sample"}``
 
 A resumed run first drops the records past the checkpoint's step (a crashed run may have logged
 steps it never saved), so the file always reads as one uninterrupted run.  Each record is also
-passed to the run's ``--logger`` sinks (TensorBoard, wandb: ``llm/tracking.py``).
+passed to the run's ``--logger`` sinks (TensorBoard, wandb: ``llm/train/tracking.py``).
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def step_losses(records: list[dict]) -> list[float]:
 
 class MetricsLog:
     """Append-only JSONL writer that also feeds ``sinks`` (objects with ``log(record)`` and
-    ``close()``, see ``llm/tracking.py``); a no-op when ``enabled`` is False (ranks other than 0)."""
+    ``close()``, see ``llm/train/tracking.py``); a no-op when ``enabled`` is False (ranks other than 0)."""
 
     def __init__(self, path: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None,
                  sinks: list | None = None):

@@ -8,7 +8,7 @@
         run.done()                                      # the run finished: drop its resume state
 
 What it shares with pretraining: AdamW (decay on matrices only), a warmup + cosine schedule that is a
-function of the step alone (``llm.optim.lr_at``; the defaults, no warmup and ``min_lr = lr``, are the
+function of the step alone (``llm.train.optim.lr_at``; the defaults, no warmup and ``min_lr = lr``, are the
 book's constant rate), gradient accumulation, clipping, bf16/fp16 autocast with loss scaling,
 ``--compile``, data parallelism under ``torchrun`` (DistributedDataParallel; each rank takes its own
 micro-batches of every step), and atomic resume checkpoints.
@@ -39,8 +39,8 @@ import torch
 
 from tqdm.auto import tqdm
 
-from . import distributed, flops, train_setup
-from .checkpoint import CheckpointError, RunLock, atomic_save, capture_rng, restore_rng
+from ..train import distributed, flops, train_setup
+from ..train.checkpoint import CheckpointError, RunLock, atomic_save, capture_rng, restore_rng
 
 STATE_NAME, STATE_FORMAT = "state.pt", "llm-finetune-state-v1"
 # What a resumed run may change: how long it trains, how it evaluates and reports, and how it runs.
@@ -127,7 +127,7 @@ class FinetuneRun:
                 self.state = load_state(self.out_dir, self.kind)
                 check_same_run(self.state["finetune_config"], self.cfg, self.state["world_size"], self.dist.world_size)
             elif self.is_main:  # (other ranks could see files rank 0 has already started writing)
-                from .finetune_common import prepare_out_dir
+                from .common import prepare_out_dir
 
                 prepare_out_dir(self.out_dir, self.cfg.overwrite, clear=False)  # fail fast, delete nothing yet
         except BaseException:
@@ -149,9 +149,9 @@ class FinetuneRun:
     def start(self, model: torch.nn.Module) -> None:
         """Call once the model is complete (LoRA, a classifier head): a fresh run clears the old outputs
         (only now, so a run that fails to start deletes nothing); a resumed one loads the saved weights."""
-        from .finetune_common import METRICS_NAME, prepare_out_dir
-        from .tracking import make_sinks
-        from .train_log import MetricsLog
+        from .common import METRICS_NAME, prepare_out_dir
+        from ..train.tracking import make_sinks
+        from ..train.train_log import MetricsLog
 
         if self.state is not None:
             model.load_state_dict(self.state["model"])
@@ -195,7 +195,7 @@ class FinetuneRun:
         ``seq_len`` (their length, for the FLOPs) -- ``net`` is the compiled / DDP-wrapped model, which
         the forward must go through; ``evaluate()`` returns a dict of metrics (on the plain model).
         """
-        from .optim import configure_optimizer, lr_at, set_lr
+        from ..train.optim import configure_optimizer, lr_at, set_lr
 
         cfg, dist, precision = self.cfg, self.dist, self.precision
         steps_per_epoch, total = self.schedule(n_items)

@@ -1,4 +1,4 @@
-"""What supervised fine-tuning (``llm/sft.py``) and DPO (``llm/dpo.py``) share.
+"""What supervised fine-tuning (``llm/finetune/sft.py``) and DPO (``llm/finetune/dpo.py``) share.
 
     FinetuneConfig                 the settings both have; each field is also a CLI flag
     add_config_args / config_from_args
@@ -9,10 +9,10 @@
     load_lora_checkpoint(...)      put saved LoRA factors back on their base model
     write_test_responses(...)      the model's greedy answers on the test split, as the book does
 
-The training loop itself, with resume and torchrun, is ``llm/finetune_loop.py``.
+The training loop itself, with resume and torchrun, is ``llm/finetune/loop.py``.
 
-Checkpoints use the pretraining format (``llm.checkpoint.FORMAT``, keys ``model`` and
-``model_config``), so ``llm generate --checkpoint`` and ``llm.checkpoint.load_model`` read them;
+Checkpoints use the pretraining format (``llm.train.checkpoint.FORMAT``, keys ``model`` and
+``model_config``), so ``llm generate --checkpoint`` and ``llm.train.checkpoint.load_model`` read them;
 ``kind`` ("sft" / "dpo") and ``finetune_config`` say what made them.
 """
 from __future__ import annotations
@@ -30,13 +30,13 @@ from tqdm.auto import tqdm
 
 from kernels import BACKENDS
 
-from . import train_setup
-from .checkpoint import FORMAT, atomic_save, atomic_write_text, load_checkpoint
-from .finetune_loop import STATE_NAME, FinetuneRun, log, resumed_config
+from ..train import train_setup
+from ..train.checkpoint import FORMAT, atomic_save, atomic_write_text, load_checkpoint
+from .loop import STATE_NAME, FinetuneRun, log, resumed_config
 from .lora import apply_lora, describe_trainable, lora_state_dict, merge_lora
-from .model import GPT, PRESETS, GPTConfig
-from .tokenizer import checkpoint_tokenizer
-from .tracking import TENSORBOARD_DIR, WANDB_ID_FILE, TrackingConfig
+from ..model import GPT, PRESETS, GPTConfig
+from ..tokenizer import checkpoint_tokenizer
+from ..train.tracking import TENSORBOARD_DIR, WANDB_ID_FILE, TrackingConfig
 
 CKPT_NAME, LORA_NAME, METRICS_NAME, PLOT_NAME, RESPONSES_NAME = (
     "ckpt.pt", "lora.pt", "metrics.jsonl", "loss.png", "test_responses.json")
@@ -204,7 +204,7 @@ def load_start_model(cfg: FinetuneConfig) -> tuple[GPT, dict]:
 def load_tokenizer(cfg: FinetuneConfig, source: dict, model: GPT):
     """--tokenizer, else the one the --checkpoint was trained with (``source["tokenizer"]``) or the --hf-model
     folder's tokenizer.json, else GPT-2's; ValueError when it makes ids the model's embedding does not have."""
-    from .tokenizer import check_vocab_fits, folder_tokenizer, get_tokenizer
+    from ..tokenizer import check_vocab_fits, folder_tokenizer, get_tokenizer
 
     default = folder_tokenizer(cfg.hf_model) if cfg.hf_model is not None else source.get("tokenizer", "gpt2")
     tokenizer = get_tokenizer(cfg.tokenizer or default)
@@ -278,7 +278,7 @@ def load_lora_checkpoint(model: GPT, path: str | Path) -> GPT:
 def generate_responses(model: GPT, records: list[dict], tokenizer, max_new_tokens: int, device: torch.device,
                        autocast: Callable, progress: bool = True) -> list[dict]:
     """Each record plus ``model_response``: greedy decoding from the prompt, stopped at the end-of-text token."""
-    from .generate import generate
+    from ..generate import generate
     from .instruct import prompt_ids
 
     model.eval()
@@ -296,7 +296,7 @@ def generate_responses(model: GPT, records: list[dict], tokenizer, max_new_token
 
 def write_test_responses(model, test: list[dict], cfg: FinetuneConfig, out_dir: Path, device, autocast,
                          tokenizer=None) -> Path | None:
-    from .tokenizer import get_tokenizer
+    from ..tokenizer import get_tokenizer
 
     n = len(test) if cfg.num_test_responses is None else min(cfg.num_test_responses, len(test))
     if n == 0 or cfg.max_new_tokens == 0:
@@ -323,6 +323,6 @@ def save_results(run: FinetuneRun, model: GPT, kind: str, extra: dict, test: lis
 
 def plot(metrics, out_dir: Path) -> None:
     """loss.png: the training loss per step and ``val_loss`` per evaluation (llm pretrain's plot)."""
-    from .train_log import plot_losses
+    from ..train.train_log import plot_losses
 
     plot_losses(metrics.records, out_dir / PLOT_NAME)

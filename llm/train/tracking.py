@@ -6,7 +6,7 @@
                                    WANDB_MODE says otherwise (upload later with `wandb sync`)
     --logger tensorboard,wandb     both
 
-Every record :class:`llm.train_log.MetricsLog` writes is passed on: a step record's numbers go
+Every record :class:`llm.train.train_log.MetricsLog` writes is passed on: a step record's numbers go
 under ``train/`` (loss, lr, grad_norm, tok_per_s, mfu_pct, peak_mem_mb, ...), an evaluation's under
 ``eval/`` and a text sample under ``samples``, all at the record's ``step``.  Only rank 0 logs.
 
@@ -130,7 +130,7 @@ class WandbSink:
 
 def make_sinks(spec: str, out_dir: str | os.PathLike, config: dict, *, resume_step: int | None = None,
                wandb_project: str = "llm-from-scratch") -> list:
-    """The sinks ``spec`` names besides jsonl (which :class:`~llm.train_log.MetricsLog` writes itself)."""
+    """The sinks ``spec`` names besides jsonl (which :class:`~llm.train.train_log.MetricsLog` writes itself)."""
     sinks = []
     try:
         for name in parse_loggers(spec):

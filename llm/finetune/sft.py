@@ -1,10 +1,10 @@
 """Supervised instruction fine-tuning (the book's chapter 7), full or with LoRA.
 
-    from llm.sft import SFTConfig, sft
+    from llm.finetune.sft import SFTConfig, sft
     summary = sft(SFTConfig(hf_model="gpt2-medium-dir", epochs=2))
     # or: llm sft --hf-model DIR [--mask-prompt] [--lora-rank 16]
 
-The Alpaca-formatted records (``llm/instruct.py``) are split 85/10/5 into train/test/val; each batch
+The Alpaca-formatted records (``llm/finetune/instruct.py``) are split 85/10/5 into train/test/val; each batch
 is padded and shifted by ``instruct.collate`` and the loss is the model's own (the fused
 ``kernels.linear_cross_entropy``, which skips the ``-100`` targets).  After training the run writes
 ``ckpt.pt`` (pretraining's format: ``llm generate --checkpoint`` reads it), ``metrics.jsonl``,
@@ -19,8 +19,8 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader
 
-from . import train_setup
-from .finetune_common import (FinetuneConfig, FinetuneRun, _opt, add_config_args, config_from_args, load_start_model,
+from ..train import train_setup
+from .common import (FinetuneConfig, FinetuneRun, _opt, add_config_args, config_from_args, load_start_model,
                               load_tokenizer, log, maybe_apply_lora, save_results)
 from .instruct import IGNORE_INDEX, INSTRUCTION_KEYS, InstructionDataset, collate, load_records, split_records
 
@@ -98,7 +98,7 @@ def sft(cfg: SFTConfig) -> dict:
         # evaluation always scores the same first batches, in file order
         train_eval = DataLoader(train_ds, cfg.batch_size, shuffle=False, collate_fn=collate_fn)
         val_eval = DataLoader(val_ds, cfg.batch_size, shuffle=False, collate_fn=collate_fn)
-        # full batches only, as the book's drop_last; the order is reshuffled each epoch (llm/finetune_loop.py)
+        # full batches only, as the book's drop_last; the order is reshuffled each epoch (llm/finetune/loop.py)
         steps_per_epoch, total = run.schedule(len(train_ds))
         log(f"SFT: {len(train_ds)} train, {len(val_ds)} val, {len(test)} test records; {steps_per_epoch} steps "
             f"of {cfg.batch_size} x {cfg.grad_accum_steps} x {run.dist.world_size} records per epoch, {total} steps; "

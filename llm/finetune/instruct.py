@@ -63,7 +63,7 @@ def prompt_ids(entry: dict, tokenizer) -> list[int]:
 
 def resolve_data_path(data: str | Path) -> Path:
     """A registry name (``llm.data.DATASETS``) or a path to a JSON/JSONL file."""
-    from .data import DATASETS, fetch_dataset
+    from ..data import DATASETS, fetch_dataset
 
     if str(data) in DATASETS:
         return fetch_dataset(str(data))

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import train_setup
+from ..train import train_setup
 from .classify_data import balance, encode_batch, label_names, load_labelled, split
-from .finetune_common import (FinetuneConfig, FinetuneRun, _opt, add_config_args, config_from_args, finish_and_save,
+from .common import (FinetuneConfig, FinetuneRun, _opt, add_config_args, config_from_args, finish_and_save,
                               load_start_model, load_tokenizer, log)
 from .lora import describe_trainable
 
@@ -191,8 +191,8 @@ def plot_classify(records: list[dict], out_dir: Path) -> None:
 
 def load_classifier(path: str | Path, device="cpu"):
     """(model in eval mode, checkpoint dict) of a ``llm classify`` ckpt.pt."""
-    from .checkpoint import load_checkpoint
-    from .model import GPT, GPTConfig
+    from ..train.checkpoint import load_checkpoint
+    from ..model import GPT, GPTConfig
 
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != "classify":
@@ -229,7 +229,7 @@ def add_classify_args(p: argparse.ArgumentParser) -> None:
 
 def run_classify(args: argparse.Namespace) -> int:
     if args.predict:
-        from .tokenizer import get_tokenizer
+        from ..tokenizer import get_tokenizer
 
         checkpoint, tokenizer = getattr(args, "checkpoint", None), getattr(args, "tokenizer", None)
         if not checkpoint:

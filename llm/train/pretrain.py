@@ -1,12 +1,12 @@
 """Pretraining: next-token prediction on a tokenized corpus, from scratch or from GPT-2 weights.
 
-    from llm.train import TrainConfig, train
+    from llm.train.pretrain import TrainConfig, train
     summary = train(TrainConfig(preset="tiny", data="the-verdict", max_steps=50))
 
 One loop in the shape of nanoGPT's ``train.py``: AdamW with decay/no-decay groups, linear warmup
 then cosine decay, gradient accumulation and clipping, bf16 (or fp16 with loss scaling) autocast, optional
 ``torch.compile``, periodic validation and text samples, and atomic checkpoints.  Under
-``torchrun`` the same code runs data-parallel (``llm/distributed.py``).
+``torchrun`` the same code runs data-parallel (``llm/train/distributed.py``).
 
 Resuming is bitwise on CPU because (1) the schedule is a function of the step alone, (2) every RNG
 the loop draws from -- dropout (torch), data order (the loader's own state), Python and NumPy -- is
@@ -51,7 +51,7 @@ def _opt(default, help: str):
 @dataclass
 class TrainConfig(TrackingConfig):
     """Every knob of a pretraining run; each field is also a ``python -m llm pretrain`` flag
-    (the tracking ones, --logger, --wandb-project and --peak-tflops, come from ``llm/tracking.py``)."""
+    (the tracking ones, --logger, --wandb-project and --peak-tflops, come from ``llm/train/tracking.py``)."""
 
     # -- data and output
     out_dir: str = _opt("out", "folder for ckpt.pt, metrics.jsonl and loss.png")
@@ -236,7 +236,7 @@ class Trainer:
         if dist.is_main:
             remove_stale_temps(self.ckpt_path)  # temp files of checkpoints killed mid-write
 
-        from .tokenizer import GPT2, check_vocab_fits, folder_tokenizer, get_tokenizer
+        from ..tokenizer import GPT2, check_vocab_fits, folder_tokenizer, get_tokenizer
 
         # Not given: a Hugging Face folder's own tokenizer.json (Llama 3, Qwen3), or GPT-2's.
         default = GPT2 if cfg.init_from == "scratch" else folder_tokenizer(cfg.init_from)
@@ -362,7 +362,7 @@ class Trainer:
                                  f"fewer than block_size + 1 = {block_size + 1}; {hint} or lower --block-size")
 
     def _prepare_data(self) -> None:
-        from . import data
+        from .. import data
 
         self.data = data
         # Rank 0 tokenizes (and caches) first; the others then read its cache instead of racing it.
@@ -539,7 +539,7 @@ class Trainer:
         """A short continuation of ``sample_prompt``, printed and logged (rank 0 only)."""
         if not self.dist.is_main:
             return None
-        from .generate import generate_text
+        from ..generate import generate_text
 
         cfg = self.cfg
         # Its own generator, seeded by the step: sampling never shifts the training RNG streams.

@@ -21,7 +21,7 @@ def load_labelled(data: str, text_column: str = "text", label_column: str = "lab
 
     A TSV whose first row lacks ``label_column`` is read as the SMS format ``label<TAB>text``.
     """
-    from .data.corpora import DATASETS, fetch_dataset
+    from ..data.corpora import DATASETS, fetch_dataset
 
     path = fetch_dataset(data) if data in DATASETS else Path(data)
     if not path.is_file():

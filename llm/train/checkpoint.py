@@ -1,6 +1,6 @@
 """Training checkpoints: written atomically, loaded safely, and complete enough to resume bitwise.
 
-A checkpoint is one ``torch.save``-d dict (see ``llm.train._checkpoint_state`` for the keys): the
+A checkpoint is one ``torch.save``-d dict (see ``llm.train.pretrain._checkpoint_state`` for the keys): the
 model and optimizer state, the step (the schedule is a function of it), every RNG the run draws
 from, the data loader's position and both configs.  Everything in it is a tensor or a plain Python
 value, so it loads with ``torch.load(weights_only=True)`` -- no pickled code runs on load.
@@ -123,7 +123,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a training checkpoint written by :func:`llm.train.train`; CheckpointError if it can't."""
+    """Load a training checkpoint written by :func:`llm.train.pretrain.train`; CheckpointError if it can't."""
     path = Path(path)
     if not path.is_file():
         hint = " (train one with `python -m llm pretrain`)" if path.name == "ckpt.pt" else ""
@@ -159,7 +159,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
 
 def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu"):
     """The GPT of an already loaded checkpoint dict, on ``device``, in eval mode."""
-    from .model import GPT, GPTConfig
+    from ..model import GPT, GPTConfig
 
     missing = [k for k in ("model", "model_config") if k not in ckpt]
     if missing:

@@ -1,6 +1,6 @@
 """Direct Preference Optimization (Rafailov et al. 2023) on chosen/rejected response pairs.
 
-    from llm.dpo import DPOConfig, dpo
+    from llm.finetune.dpo import DPOConfig, dpo
     summary = dpo(DPOConfig(checkpoint="out/sft/ckpt.pt"))
     # or: llm dpo --checkpoint out/sft/ckpt.pt [--beta 0.1] [--lora-rank 8]
 
@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from . import train_setup
-from .finetune_common import (FinetuneConfig, FinetuneRun, _opt, add_config_args, config_from_args, load_start_model,
+from ..train import train_setup
+from .common import (FinetuneConfig, FinetuneRun, _opt, add_config_args, config_from_args, load_start_model,
                               load_tokenizer, log, maybe_apply_lora, save_results)
 from .instruct import EOT, IGNORE_INDEX, encode_parts, load_records, split_records
-from .scoring import sequence_logprobs
+from ..scoring import sequence_logprobs
 
 __all__ = ["DPOConfig", "dpo", "dpo_loss", "dpo_batch_loss", "collate_pairs", "PreferenceDataset",
            "evaluate_pairs", "add_dpo_args", "run_dpo", "PREFERENCE_KEYS"]

@@ -1,7 +1,7 @@
 """The machine-facing half of training setup: device, precision, threads, seeds, kernels, model.
 
-Kept apart from ``llm/train.py`` so that the loop there reads like the book; nothing here knows
-about steps or losses.  ``cfg`` is a :class:`llm.train.TrainConfig`.
+Kept apart from ``llm/train/pretrain.py`` so that the loop there reads like the book; nothing here knows
+about steps or losses.  ``cfg`` is a :class:`llm.train.pretrain.TrainConfig`.
 """
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def build_model(cfg, ckpt: dict | None, vocab_size: int | None = None):
 
     ``vocab_size`` (the tokenizer's, when it is not GPT-2's) sizes a model from scratch unless an
     override sets it; a checkpoint or pretrained weights keep their own."""
-    from .model import GPT, GPTConfig
+    from ..model import GPT, GPTConfig
 
     if ckpt is not None:
         from .checkpoint import model_from_checkpoint
@@ -175,7 +175,7 @@ def build_model(cfg, ckpt: dict | None, vocab_size: int | None = None):
 def planned_block_size(cfg, ckpt: dict | None) -> int | None:
     """The training window length, known before the model is built (None for a Hugging Face
     folder without --block-size: its config.json decides once it is loaded)."""
-    from .model import GPTConfig
+    from ..model import GPTConfig
 
     if cfg.block_size is not None:
         return cfg.block_size
