@@ -61,12 +61,37 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default="gpt2", metavar="PATH", help=_tokenizer_help())
     p.add_argument("--force", action="store_true", help="re-tokenize even if cached")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    g = p.add_argument_group("web-scale corpora: streamed, parallel, into token shards (llm/data/shards.py)")
+    g.add_argument("--shards", metavar="DIR", default=None,
+                   help="write fixed-size token shards into DIR instead (jsonl/parquet/text files, or hf:... "
+                        "streamed); run again to finish an interrupted one")
+    g.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
+    g.add_argument("--val-shards", type=int, default=1, help="the first this many shards are the validation split")
+    g.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens (a sample)")
+    g.add_argument("--num-proc", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="tokenizer processes")
+    g.add_argument("--text-field", default="text", help="the text field of jsonl rows, parquet files and hf: datasets")
 
 
 def run_prepare(args: argparse.Namespace) -> int:
     from . import data
     from .tokenizer import get_tokenizer
 
+    if args.shards is not None:
+        import time
+
+        from .data.shards import prepare_shards
+
+        t0 = time.perf_counter()
+        result = prepare_shards(args.source, args.shards, get_tokenizer(args.tokenizer), shard_tokens=args.shard_tokens,
+                                val_shards=args.val_shards, max_tokens=args.max_tokens, num_proc=args.num_proc,
+                                text_field=args.text_field, progress=args.progress)
+        seconds = time.perf_counter() - t0
+        n_val = sum(s["tokens"] for s in result.meta["shards"] if s["split"] == "val")
+        print(f"{args.source}: {result.n_tokens:,} tokens ({result.n_tokens - n_val:,} train, {n_val:,} val) in "
+              f"{len(result.meta['shards'])} shards in {args.shards}; this run {seconds:.1f} s, "
+              f"{result.meta['seconds_last_run']:.1f} s tokenizing with {args.num_proc} processes")
+        return EXIT_OK
     prepared = data.prepare(args.source, val_fraction=args.val_fraction, tokenizer=get_tokenizer(args.tokenizer),
                             progress=args.progress, force=args.force)
     n_train, n_val = len(prepared.train_tokens()), len(prepared.val_tokens())

@@ -40,7 +40,7 @@ __all__ = ["TrainConfig", "train", "resume_config", "NonFiniteLossError", "Check
 
 CKPT_NAME, METRICS_NAME, PLOT_NAME = "ckpt.pt", "metrics.jsonl", "loss.png"
 # The allowed values of the string fields that are not free-form (the CLI offers them as choices).
-CHOICES = {"dtype": train_setup.DTYPES, "loader": ("auto", "random", "sliding"),
+CHOICES = {"dtype": train_setup.DTYPES, "loader": ("auto", "random", "sliding", "shards"),
            "kernels": BACKENDS}
 
 
@@ -101,7 +101,8 @@ class TrainConfig(TrackingConfig):
                                                  "instead of keeping them (less memory, ~1/3 more compute)")
     memory_check: bool = _opt(True, "refuse a run whose memory estimate exceeds the device's memory")
     kernels: str = _opt("auto", "kernels backend: auto, torch (reference), pytorch (PyTorch's own ops), triton or cuda")
-    loader: str = _opt("auto", "window sampling: random, sliding, or auto (sliding when the run covers the data)")
+    loader: str = _opt("auto", "window sampling: random, sliding, or auto (sliding when the run covers the data; "
+                               "shards, in order, for a folder of llm prepare --shards)")
 
     def validate(self) -> None:
         self.validate_tracking()
@@ -262,8 +263,8 @@ class Trainer:
         self.optimizer = configure_optimizer(self.raw_model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                              betas=(cfg.beta1, cfg.beta2), device_type=device.type)
         self.tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum_steps * dist.world_size
-        self.loader_mode = ckpt["loader_mode"] if ckpt else train_setup.choose_loader_mode(
-            cfg.loader, len(self.train_tokens), self.tokens_per_step, cfg.max_steps)
+        self.loader_mode = "shards" if self.shards is not None else ckpt["loader_mode"] if ckpt else \
+            train_setup.choose_loader_mode(cfg.loader, len(self.train_tokens), self.tokens_per_step, cfg.max_steps)
         self.loader = self._make_loader(self.train_tokens, self.loader_mode)
         self.autocast, self.compute_dtype = self.precision.autocast, self.precision.name
         self.unigram = float(self.data.unigram_loss(self.train_tokens, self.val_tokens, self.raw_model.config.vocab_size))
@@ -363,8 +364,22 @@ class Trainer:
 
     def _prepare_data(self) -> None:
         from .. import data
+        from ..data import shards
 
         self.data = data
+        self.shards = None
+        if shards.is_shard_folder(self.cfg.data):  # `llm prepare ... --shards DIR`: read in order, shard by shard
+            if self.cfg.loader not in ("auto", "shards"):
+                raise ValueError(f"--data {self.cfg.data} is a shard folder, read in order: drop --loader {self.cfg.loader}")
+            self.shards = shards.load_shards(self.cfg.data, self.tokenizer)
+            if not self.shards.val_paths or not self.shards.train_paths:
+                raise ValueError(f"{self.cfg.data} needs validation and training shards (llm prepare --val-shards >= 1 "
+                                 "and more tokens than the validation shards hold)")
+            self.prepared = self.shards
+            # the first shard of each split stands for its split where a sample is needed (unigram, eval)
+            self.train_tokens = shards.open_shard(self.shards.train_paths[0])
+            self.val_tokens = shards.open_shard(self.shards.val_paths[0])
+            return
         # Rank 0 tokenizes (and caches) first; the others then read its cache instead of racing it.
         if not self.dist.is_main:
             torch.distributed.barrier()
@@ -376,6 +391,9 @@ class Trainer:
         self.train_tokens, self.val_tokens = prepared.train_tokens(), prepared.val_tokens()
 
     def _make_loader(self, tokens, mode: str, batch_size: int | None = None, **kw):
+        if mode == "shards":
+            return self.data.shards.ShardLoader(self.shards.train_paths, batch_size or self.cfg.batch_size,
+                                                self.block_size, rank=self.dist.rank, world_size=self.dist.world_size)
         return self.data.TokenLoader(tokens, batch_size or self.cfg.batch_size, self.block_size, mode=mode,
                                      seed=self.cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size, **kw)
 
