@@ -20,9 +20,20 @@ RUN = dict(preset="tiny", data="the-verdict", block_size=32, max_steps=6, grad_a
            warmup_steps=2, eval_iters=2, sample_tokens=0, device="cpu", seed=11)
 
 
+def _mc_items(path, n=9):
+    """Multiple-choice items for --eval-task (9: the ranks get 5 and 4)."""
+    import json
+
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"context": f"I had {i} ", "choices": [" cats", " of them", " pictures"], "label": i % 3}) + "\n")
+    return path
+
+
 def test_two_gloo_ranks_match_one_process(tmp_path):
     ddp_dir = tmp_path / "ddp"
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in RUN.items()]
+    run = {**RUN, "eval_task": f"mc:{_mc_items(tmp_path / 'mc.jsonl')}", "eval_every": 3}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in run.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "llm", "pretrain", *flags, "--batch-size=2", f"--out-dir={ddp_dir}", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -31,7 +42,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert "world size 2" in proc.stdout
     assert proc.stdout.count("val loss before training") == 1  # only rank 0 prints
 
-    single = train(TrainConfig(**RUN, batch_size=4, out_dir=str(tmp_path / "single"), progress=False))
+    single = train(TrainConfig(**run, batch_size=4, out_dir=str(tmp_path / "single"), progress=False))
 
     records = read_metrics(ddp_dir / "metrics.jsonl")
     ddp_losses = step_losses(records)
@@ -41,6 +52,12 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     ddp_val = [r["val_loss"] for r in records if "val_loss" in r]
     torch.testing.assert_close(torch.tensor(ddp_val), torch.tensor([single["initial_val_loss"], single["final_val_loss"]]),
                                rtol=1e-5, atol=0)
+    # --eval-task: the ranks score their shares of the items, the counts are summed; equal to one process's
+    mc = lambda recs: [(r["step"], r["mc_items"], r["mc_acc"], r["mc_acc_norm"]) for r in recs if "mc_acc" in r]  # noqa: E731
+    single_mc = mc(read_metrics(tmp_path / "single" / "metrics.jsonl"))
+    assert [m[:2] for m in single_mc] == [(0, 9), (3, 9), (6, 9)]
+    assert [m[:2] for m in mc(records)] == [m[:2] for m in single_mc]
+    torch.testing.assert_close(torch.tensor([m[2:] for m in mc(records)]), torch.tensor([m[2:] for m in single_mc]))
     ckpt = load_checkpoint(ddp_dir / "ckpt.pt")
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2  # every rank's RNG state is kept
     assert ckpt["tokens"] == single["tokens"] == 6 * 4 * 2 * 32

@@ -86,6 +86,10 @@ class TrainConfig(TrackingConfig):
     # -- evaluation, samples, checkpoints, logs
     eval_interval: int = _opt(100, "steps between validation runs (0: only before and after)")
     eval_iters: int = _opt(20, "at most this many val batches per evaluation")
+    eval_task: str | None = _opt(None, "also score a benchmark while training: mc:FILE (multiple choice: our JSONL, "
+                                       "HellaSwag's JSONL or MMLU's CSV), logged as mc_acc / mc_acc_norm")
+    eval_every: int = _opt(0, "steps between --eval-task evaluations (0: with every validation run)")
+    eval_task_limit: int | None = _opt(None, "score only the first N items of --eval-task")
     sample_interval: int = _opt(0, "steps between text samples (0: only at the end)")
     sample_prompt: str = _opt("ROMEO:", "prompt of the text samples")
     sample_tokens: int = _opt(64, "tokens per text sample (0: no samples)")
@@ -109,7 +113,14 @@ class TrainConfig(TrackingConfig):
         for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_interval", "sample_interval", "sample_tokens", "checkpoint_interval"):
+        if self.eval_task is not None:
+            from .task_eval import parse_eval_task
+
+            parse_eval_task(self.eval_task)
+        if self.eval_task_limit is not None and self.eval_task_limit < 1:
+            raise ValueError(f"eval_task_limit must be >= 1 (or unset), got {self.eval_task_limit}")
+        for name in ("warmup_steps", "eval_interval", "sample_interval", "sample_tokens", "checkpoint_interval",
+                     "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.resume and self.overwrite:
@@ -281,6 +292,11 @@ class Trainer:
                            wandb_project=cfg.wandb_project) if dist.is_main else []
         self.metrics = MetricsLog(self.out_dir / METRICS_NAME, enabled=dist.is_main, resume_step=resume_step,
                                   sinks=sinks)
+        self.task_eval = None
+        if cfg.eval_task is not None:
+            from .task_eval import TaskEval
+
+            self.task_eval = TaskEval(cfg.eval_task, cfg.eval_task_limit, dist)
         self.flops_per_token = flops.flops_per_token(self.raw_model, self.block_size)
         self.peak_tflops = cfg.peak_tflops or flops.peak_tflops(device)
         self.losses: list[float] = []
@@ -441,6 +457,8 @@ class Trainer:
         self._print(f"unigram yardstick (val loss of predicting token frequencies): {self.unigram:.4f}")
         if self.initial_val_loss is None:
             self.initial_val_loss = self._log_eval()
+            if self.task_eval is not None and cfg.eval_every:
+                self._log_task_eval()
         self._print(f"val loss before training: {self.initial_val_loss:.4f}")
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and self.dist.is_main))
@@ -507,6 +525,8 @@ class Trainer:
             self._print(f"step {step}: train loss {record['loss']:.4f}, val loss {val:.4f} "
                         f"(ppl {math.exp(val):.1f})")
             self._plot()
+        if self.task_eval is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            self._log_task_eval()
         if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 or step == cfg.max_steps:
             self.save_checkpoint()
         if cfg.sample_interval and step % cfg.sample_interval == 0 and step != cfg.max_steps:
@@ -550,7 +570,16 @@ class Trainer:
         val = self.evaluate()
         self.last_val_loss, self.last_eval_step = val, self.step
         self.metrics.log(step=self.step, val_loss=val, val_ppl=math.exp(min(val, 50.0)))
+        if self.task_eval is not None and not self.cfg.eval_every:
+            self._log_task_eval()
         return val
+
+    def _log_task_eval(self) -> None:
+        """--eval-task on every rank's share of the items, logged (rank 0) beside the val loss."""
+        result = self.task_eval(self.raw_model, self.tokenizer, self.autocast, self.device)
+        self.metrics.log(step=self.step, **result)
+        self._print(f"step {self.step}: {self.cfg.eval_task} acc {result['mc_acc']:.4f}, acc_norm "
+                    f"{result['mc_acc_norm']:.4f} ({result['mc_items']} items)")
 
     @torch.no_grad()
     def _sample(self) -> str | None:
