@@ -29,11 +29,16 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup(device_type: str) -> DistInfo:
-    """Join the process group that torchrun's environment describes (a no-op for one process)."""
+def setup(device_type: str, *, always: bool = False) -> DistInfo:
+    """Join the process group that torchrun's environment describes (a no-op for one process, unless
+    ``always``: FSDP needs a group even on one process, which then gets one of its own)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return DistInfo()
+        if not always or dist.is_initialized():
+            return DistInfo()
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        return DistInfo(owns_group=True)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     owns = False
     if not dist.is_initialized():

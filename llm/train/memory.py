@@ -87,11 +87,14 @@ def block_values_per_token(config) -> int:
 
 
 def estimate_training_memory(config, n_params: int, *, batch_size: int, block_size: int, precision: str,
-                             ce_backend: str, attention_backend: str, world_size: int = 1) -> MemoryEstimate:
+                             ce_backend: str, attention_backend: str, world_size: int = 1,
+                             fsdp: bool = False) -> MemoryEstimate:
     """The :class:`MemoryEstimate` of training a GPT of ``config`` (a :class:`llm.model.GPTConfig`)
     with ``n_params`` parameters on micro-batches of ``batch_size`` x ``block_size``.
     ``precision``: "float32", "bfloat16" or "float16"; ``*_backend``: the kernels backend that runs
-    that op (``kernels.backends.backend_for``)."""
+    that op (``kernels.backends.backend_for``).  ``fsdp``: weights, gradients and AdamW state are
+    sharded over ``world_size`` processes (llm/train/fsdp.py); the gathered block of the moment is
+    left out, as it is small beside them."""
     N, C, L, V, H = batch_size * block_size, config.n_embd, config.n_layer, config.vocab_size, config.n_head
     lowp = precision != "float32"
     low_bytes = 2 if lowp else 4
@@ -109,9 +112,10 @@ def estimate_training_memory(config, n_params: int, *, batch_size: int, block_si
     else:
         head = UNCHUNKED_LOGITS_COPIES.get(ce_backend, 4) * N * V * 4
     embed = 3 * N * C * 4  # token + position embeddings, ln_f
-    grads = n_params * 4 * (2 if world_size > 1 else 1)
+    grads = n_params * 4 * (2 if world_size > 1 and not fsdp else 1)
+    shard = world_size if fsdp else 1
     return MemoryEstimate(
-        params=n_params * 4, grads=grads, optimizer=n_params * 8,
+        params=n_params * 4 // shard, grads=grads // shard, optimizer=n_params * 8 // shard,
         activations_full=int(L * block + head + embed),
         # the blocks' inputs, and then either the head (end of forward) or one block being recomputed
         activations_checkpointed=int(L * N * C * 4 + embed + max(head, block)),

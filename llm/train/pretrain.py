@@ -101,6 +101,8 @@ class TrainConfig(TrackingConfig):
     dtype: str = _opt("auto", "auto (bf16 autocast on a GPU with bf16, else fp16 with loss scaling; fp32 on "
                               "CPU and MPS), float32, bfloat16 or float16 (autocast with a GradScaler)")
     compile: bool = _opt(False, "torch.compile the model")
+    fsdp: bool = _opt(False, "shard weights, gradients and optimizer state over the processes (FSDP2, one unit per "
+                             "block; sharded checkpoints that resume on any number of processes); under torchrun")
     activation_checkpointing: bool = _opt(False, "recompute each transformer block's activations in backward "
                                                  "instead of keeping them (less memory, ~1/3 more compute)")
     memory_check: bool = _opt(True, "refuse a run whose memory estimate exceeds the device's memory")
@@ -137,6 +139,8 @@ class TrainConfig(TrackingConfig):
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.fsdp and self.dtype == "float16":
+            raise ValueError("--fsdp runs in bfloat16 or float32: fp16's loss scaler does not handle sharded gradients")
 
     @classmethod
     def help(cls) -> dict[str, str]:
@@ -218,7 +222,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
     """
     cfg.validate()
     device = train_setup.resolve_device(cfg.device)
-    dist = distributed.setup(device.type)
+    dist = distributed.setup(device.type, always=cfg.fsdp)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     try:
@@ -271,6 +275,13 @@ class Trainer:
             raise ValueError(f"block_size {self.block_size} exceeds the model's {self.raw_model.config.block_size}")
         if planned is None:  # a Hugging Face folder's window length is known only now
             self._check_split_lengths(self.block_size)
+        if cfg.fsdp:  # before the optimizer, which must see the sharded parameters
+            from . import fsdp
+
+            if self.precision.name == "float16":
+                raise ValueError("--fsdp runs in bfloat16 or float32 (this device's auto precision is float16): "
+                                 "pass --dtype float32")
+            fsdp.shard_model(self.raw_model, device, self.precision.name)
         self.optimizer = configure_optimizer(self.raw_model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                              betas=(cfg.beta1, cfg.beta2), device_type=device.type)
         self.tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum_steps * dist.world_size
@@ -296,7 +307,7 @@ class Trainer:
         if cfg.eval_task is not None:
             from .task_eval import TaskEval
 
-            self.task_eval = TaskEval(cfg.eval_task, cfg.eval_task_limit, dist)
+            self.task_eval = TaskEval(cfg.eval_task, cfg.eval_task_limit, dist, equal_shares=cfg.fsdp)
         self.flops_per_token = flops.flops_per_token(self.raw_model, self.block_size)
         self.peak_tflops = cfg.peak_tflops or flops.peak_tflops(device)
         self.losses: list[float] = []
@@ -340,7 +351,8 @@ class Trainer:
         est = memory.estimate_training_memory(
             c, model.num_parameters(), batch_size=cfg.batch_size, block_size=block_size,
             precision=self.precision.name, ce_backend=backend_for("linear_cross_entropy", self.device, hidden, head),
-            attention_backend=backend_for("causal_attention", self.device, q), world_size=self.dist.world_size)
+            attention_backend=backend_for("causal_attention", self.device, q), world_size=self.dist.world_size,
+            fsdp=cfg.fsdp)
         capacity = memory.device_memory(self.device)
         why = memory.refusal(est, checkpointing=cfg.activation_checkpointing, capacity=capacity, device=self.device,
                              batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
@@ -356,6 +368,8 @@ class Trainer:
             for name in (CKPT_NAME, METRICS_NAME, PLOT_NAME, WANDB_ID_FILE):
                 (self.out_dir / name).unlink(missing_ok=True)
             shutil.rmtree(self.out_dir / TENSORBOARD_DIR, ignore_errors=True)
+            for sharded in self.out_dir.glob("ckpt_fsdp-*"):
+                shutil.rmtree(sharded, ignore_errors=True)
 
     def _check_same_data(self, ckpt: dict) -> None:
         """Resuming on other data than the run started on (a corpus edited in place, even to the same
@@ -414,7 +428,15 @@ class Trainer:
                                      seed=self.cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size, **kw)
 
     def _restore(self, ckpt: dict) -> None:
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.cfg.fsdp or ckpt.get("sharded_state"):
+            if not (self.cfg.fsdp and ckpt.get("sharded_state")):
+                raise CheckpointError(f"{self.ckpt_path} was written " + ("with" if ckpt.get("sharded_state") else "without")
+                                      + " --fsdp: resume it the same way")
+            from . import fsdp
+
+            fsdp.load_sharded(self.raw_model, self.optimizer, self.out_dir / ckpt["sharded_state"])
+        else:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.precision.scaler.is_enabled() and ckpt.get("grad_scaler"):  # fp16 then and now: same scale
             self.precision.scaler.load_state_dict(ckpt["grad_scaler"])
         self.loader.load_state_dict(ckpt["loader"])
@@ -439,7 +461,7 @@ class Trainer:
         if self.cfg.compile:
             model = torch.compile(model)
         self.eval_model = model  # compiled (if asked) but not DDP-wrapped: eval needs no gradient sync
-        if self.dist.enabled:
+        if self.dist.enabled and not self.cfg.fsdp:  # (FSDP reduce-scatters the gradients itself)
             ids = [self.dist.local_rank] if self.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         return model
@@ -492,7 +514,11 @@ class Trainer:
             # DDP all-reduces gradients during backward; on all but the last micro-step that would be
             # wasted traffic, so no_sync lets them accumulate locally first.
             last = micro == cfg.grad_accum_steps - 1
-            sync = self.model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
+            sync = contextlib.nullcontext()
+            if self.cfg.fsdp:
+                self.raw_model.set_requires_gradient_sync(last)  # FSDP: reduce-scatter on the last micro-step only
+            elif self.dist.enabled and not last:
+                sync = self.model.no_sync()
             with sync:
                 with self.autocast():
                     _, loss = self.model(x, y)
@@ -583,8 +609,9 @@ class Trainer:
 
     @torch.no_grad()
     def _sample(self) -> str | None:
-        """A short continuation of ``sample_prompt``, printed and logged (rank 0 only)."""
-        if not self.dist.is_main:
+        """A short continuation of ``sample_prompt``, printed and logged (rank 0 only; under --fsdp every
+        rank generates it, as every forward needs every rank's shards)."""
+        if not self.dist.is_main and not self.cfg.fsdp:
             return None
         from ..generate import generate_text
 
@@ -601,20 +628,32 @@ class Trainer:
         return text
 
     def save_checkpoint(self) -> None:
-        """Atomically write ``ckpt.pt`` (every rank takes part: RNG states are gathered)."""
+        """Atomically write ``ckpt.pt`` (every rank takes part: RNG states are gathered; under --fsdp the
+        sharded weights and optimizer state go to their own folder first, llm/train/fsdp.py)."""
         rng = distributed.all_gather_object(capture_rng(), self.dist)
+        sharded = None
+        if self.cfg.fsdp:
+            from . import fsdp
+
+            sharded = fsdp.save_sharded(self.raw_model, self.optimizer, self.out_dir, self.step, self.dist)
+            model_state = fsdp.full_model_state(self.raw_model)  # collective: rank 0 gets the full weights
+        else:
+            model_state = self.raw_model.state_dict()
         if not self.dist.is_main:
             return
-        atomic_save(self._checkpoint_state(rng), self.ckpt_path)
+        atomic_save(self._checkpoint_state(rng, model_state, sharded), self.ckpt_path)
+        if sharded is not None:
+            fsdp.remove_old_sharded(self.out_dir, keep=sharded)
 
-    def _checkpoint_state(self, rng: list[dict]) -> dict:
+    def _checkpoint_state(self, rng: list[dict], model_state: dict, sharded: str | None) -> dict:
         return {
             "format": FORMAT,
             "step": self.step,
             "tokens": self.tokens_seen,
-            "model": self.raw_model.state_dict(),
+            "model": model_state,
             "model_config": self.raw_model.config.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if sharded is None else None,
+            "sharded_state": sharded,  # --fsdp: the folder holding the sharded weights and optimizer state
             "grad_scaler": self.precision.scaler.state_dict(),  # {} unless fp16
             "schedule": dict(max_lr=self.cfg.lr, min_lr=self.cfg.min_lr, warmup_steps=self.cfg.warmup_steps,
                              max_steps=self.cfg.max_steps),

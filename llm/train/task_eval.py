@@ -31,7 +31,7 @@ def parse_eval_task(spec: str) -> tuple[str, Path]:
 class TaskEval:
     """This rank's share of the task's items, and the function that scores them."""
 
-    def __init__(self, spec: str, limit: int | None, dist: distributed.DistInfo):
+    def __init__(self, spec: str, limit: int | None, dist: distributed.DistInfo, equal_shares: bool = False):
         from ..eval.multiple_choice import load_items
 
         _, path = parse_eval_task(spec)
@@ -40,6 +40,12 @@ class TaskEval:
             raise ValueError(f"--eval-task {spec}: the file has no items")
         self.n_total, self.dist = len(items), dist
         self.items = items[dist.rank::dist.world_size]
+        # Under FSDP every forward gathers weights from every rank, so all ranks must run as many: the
+        # shorter shares are topped up with items scored but not counted.
+        self.counted = len(self.items)
+        if equal_shares:
+            per = -(-len(items) // dist.world_size)
+            self.items += [items[0]] * (per - len(self.items))
 
     @torch.no_grad()
     def __call__(self, model, tokenizer, autocast, device) -> dict:
@@ -50,9 +56,10 @@ class TaskEval:
         hits = torch.zeros(3, dtype=torch.float64, device=device)  # acc hits, acc_norm hits, items
         if self.items:
             with autocast():
-                m = evaluate_multiple_choice(model, tokenizer, self.items, progress=False)["metrics"]
-            hits += torch.tensor([m["acc"] * m["n"], m["acc_norm"] * m["n"], m["n"]], dtype=torch.float64,
-                                 device=device)
+                scored = evaluate_multiple_choice(model, tokenizer, self.items, progress=False)["items"][:self.counted]
+            hits += torch.tensor([sum(r["pred"] == r["label"] for r in scored),
+                                  sum(r["pred_norm"] == r["label"] for r in scored), len(scored)],
+                                 dtype=torch.float64, device=device)
         total = distributed.all_reduce_mean(hits, self.dist) * self.dist.world_size
         model.train(was_training)
         acc, acc_norm, n = total.tolist()

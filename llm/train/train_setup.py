@@ -66,7 +66,10 @@ class Precision:
         """Unscale, clip (when ``grad_clip > 0``) and step; returns (gradient norm or None, whether the
         step was skipped because the fp16 gradients overflowed -- then the norm is None too)."""
         self.scaler.unscale_(optimizer)
-        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip)) if grad_clip > 0 else None
+        norm = None
+        if grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         scale = self.scaler.get_scale()  # 1.0 when disabled
         self.scaler.step(optimizer)  # skipped when any unscaled gradient is inf/nan
         self.scaler.update()
