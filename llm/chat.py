@@ -208,6 +208,17 @@ class Chat:
         return text
 
 
+def _own_ctrl_c() -> None:
+    """Ctrl-C must stop a reply even when ``llm chat`` was started by a process that ignores or blocks
+    SIGINT, which children inherit (``nohup``, some IDE consoles and test runners): a Python started with
+    SIGINT ignored never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _read_line(interrupted: bool) -> tuple[str | None, bool]:
     """(line or None to leave, whether this read was interrupted by Ctrl-C)."""
     try:
@@ -246,6 +257,7 @@ def run_chat(args: argparse.Namespace) -> int:
         import readline  # noqa: F401  (input() gains line editing and history)
     except ImportError:
         pass
+    _own_ctrl_c()
     top_k = args.top_k or None
     _check_sampling_args(args.temperature, top_k, args.top_p)
     if args.max_new_tokens < 1:

@@ -8,6 +8,7 @@ import fcntl
 import os
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def ckpt(tmp_path_factory):
 class Terminal:
     """``llm chat`` on the slave side of a pty; ``expect`` reads the screen up to a string."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, sigint=signal.SIG_DFL):
         master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 400, 0, 0))  # no line wrapping
         attrs = termios.tcgetattr(slave)
@@ -107,6 +108,9 @@ class Terminal:
 
         def controlling_tty():  # after setsid (start_new_session): make the pty this session's terminal
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            # and SIGINT as a shell gives it (or, to test that chat takes it back, ignored, as nohup leaves it)
+            signal.signal(signal.SIGINT, sigint)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
         self.proc = subprocess.Popen([sys.executable, "-m", "llm", "chat", *args], cwd=ROOT, env=env, stdin=slave,
                                      stdout=slave, stderr=slave, start_new_session=True,
@@ -192,10 +196,11 @@ def test_conversation_system_reset_trimming_and_quit(ckpt, tok):
     assert term.exit_code() == 0
 
 
-def test_ctrl_c_stops_a_reply_and_twice_at_the_prompt_leaves(tmp_path):
+@pytest.mark.parametrize("sigint", [signal.SIG_DFL, signal.SIG_IGN], ids=["default", "inherited-ignored"])
+def test_ctrl_c_stops_a_reply_and_twice_at_the_prompt_leaves(tmp_path, sigint):
     ckpt = _checkpoint(tmp_path / "long.pt", 1024)
     term = Terminal("--checkpoint", str(ckpt), "--temperature", "0", "--max-new-tokens", "900", "--no-cache",
-                    "--device", "cpu")
+                    "--device", "cpu", sigint=sigint)
     term.expect("you> ")
     for message in ("Tell me a long story.", "Another one."):
         term.send(message + "\n")

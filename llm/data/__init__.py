@@ -6,6 +6,7 @@ The pipeline, one module per step::
     sources.py     "tinyshakespeare" | "a.txt" | "folder/" | "*.txt" | "hf:name" -> documents
     tokenfiles.py  documents -> train.bin / val.bin (uint16/uint32 token files, tokenized once, cached)
     loaders.py     token files -> (x, y) batches: the book's sliding windows or random windows
+    shards.py      a corpus too big for memory -> fixed-size token shards (streamed, parallel), and their loader
 
 Typical use::
 
@@ -26,15 +27,20 @@ from .corpora import (
     get_corpus,
     sha256_file,
 )
-from .loaders import (
-    SlidingWindowDataset,
-    TokenLoader,
-    as_token_array,
-    create_dataloader,
-    unigram_loss,
-)
 from .sources import Document, resolve_source
 from .tokenfiles import Prepared, check_tokenizer, prepare, source_identity, split_for_tokenizer, token_dtype
+
+# The loaders need torch; imported on first use, so that what needs no torch (the tokenizer worker
+# processes of llm prepare --shards, which import this package) starts in a tenth of the time.
+_LOADERS = ("SlidingWindowDataset", "TokenLoader", "as_token_array", "create_dataloader", "unigram_loss")
+
+
+def __getattr__(name: str):
+    if name in _LOADERS:
+        from . import loaders
+
+        return getattr(loaders, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "CORPORA",

@@ -56,7 +56,7 @@ class TrainConfig(TrackingConfig):
     # -- data and output
     out_dir: str = _opt("out", "folder for ckpt.pt, metrics.jsonl and loss.png")
     data: str = _opt("tinyshakespeare", "corpus name, text file, folder, glob, hf:<dataset>, or a folder "
-                                        "that llm prepare wrote")
+                                        "that llm prepare wrote (token files, or --shards)")
     tokenizer: str | None = _opt(None, "'gpt2' or the path of a Hugging Face tokenizer.json, or of a folder holding "
                                        "one; a model from scratch gets its vocab_size (None: the --init-from "
                                        "folder's tokenizer.json if it has one, else gpt2)")
