@@ -210,7 +210,7 @@ class Chat:
 
 def _own_ctrl_c() -> None:
     """Ctrl-C must stop a reply even when ``llm chat`` was started by a process that ignores or blocks
-    SIGINT, which children inherit (``nohup``, some IDE consoles and test runners): a Python started with
+    SIGINT, which children inherit (``nohup``, a background job of a non-interactive shell): a Python started with
     SIGINT ignored never raises KeyboardInterrupt."""
     import signal
 
