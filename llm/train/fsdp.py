@@ -6,8 +6,9 @@ PyTorch's own FSDP2 (``torch.distributed.fsdp.fully_shard``): every transformer 
 unit and the rest of the model (embeddings, final norm, the tied head) the root unit, so each rank
 holds 1/N of every weight, gradient and AdamW moment, and gathers one block's weights at a time
 for its forward and backward.  Under bf16 the gathered weights are bf16 and gradients are reduced
-in fp32 (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``); fp16 is refused (its loss
-scaler does not handle sharded gradients).
+in fp32 (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``), and a block's inputs are left as
+they are (``cast_forward_inputs=False``: autocast runs the matmuls in bf16, and RoPE's cos/sin must stay
+fp32); fp16 is refused (its loss scaler does not handle sharded gradients).
 
 Checkpoints: the weights and the optimizer state are saved sharded with ``torch.distributed.checkpoint``
 (DCP) into ``<out_dir>/ckpt_fsdp-<step>/``, every rank writing its own shards; DCP reshards on load,
@@ -38,7 +39,8 @@ def shard_model(model: torch.nn.Module, device: torch.device, precision_name: st
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kw = {}
     if precision_name == "bfloat16":
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                               cast_forward_inputs=False)
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, **kw)
     fully_shard(model, mesh=mesh, **kw)
