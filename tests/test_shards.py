@@ -214,3 +214,15 @@ def test_the_prepare_command_writes_shards(tmp_path, capsys):
     assert f"{n:,} tokens" in out and f"in {-(-n // 3000)} shards" in out
     assert main(argv[:-1] + ["--shard-tokens", "2000", "--no-progress"]) == 2  # another shard size: refused
     assert "shard_tokens=3000" in capsys.readouterr().err
+
+
+def test_a_hugging_face_dataset_is_streamed(tmp_path):
+    """hf:<builder> in streaming mode (here datasets' own json builder on a local file: no download)."""
+    pytest.importorskip("datasets")
+    tok, docs = get_tokenizer("gpt2"), _documents(seed=4)[:30]
+    with open(tmp_path / "d.jsonl", "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    result = S.prepare_shards("hf:json", tmp_path / "out", tok, shard_tokens=2000, progress=False,
+                              hf_data_files=str(tmp_path / "d.jsonl"))
+    np.testing.assert_array_equal(_stream(result), _expected(tok, docs))

@@ -93,12 +93,13 @@ def open_shard(path: str | os.PathLike) -> np.ndarray:
 # documents, streamed
 
 
-def iter_documents(source: str, text_field: str = "text", hf_split: str = "train") -> Iterator[str]:
+def iter_documents(source: str, text_field: str = "text", hf_split: str = "train",
+                   hf_data_files: Any = None) -> Iterator[str]:
     """The texts of ``source`` one at a time: ``hf:<name>[:<config>]`` (streamed, never all in memory), or
     files -- a file, a folder (recursively) or a glob of ``.jsonl`` (one JSON object a line), ``.parquet``
     (a column) and text files (each one document) -- in sorted order."""
     if source.startswith(HF_PREFIX):
-        yield from _hf_stream(HFSpec.parse(source, hf_split, text_field))
+        yield from _hf_stream(HFSpec.parse(source, hf_split, text_field, hf_data_files))
         return
     from .sources import local_files
 
@@ -240,7 +241,7 @@ def load_shards(folder: str | os.PathLike, tokenizer=None) -> ShardSet:
 
 def prepare_shards(source: str, out: str | os.PathLike, tokenizer, *, shard_tokens: int = 100_000_000,
                    val_shards: int = 1, max_tokens: int | None = None, num_proc: int | None = None,
-                   text_field: str = "text", progress: bool = True) -> ShardSet:
+                   text_field: str = "text", hf_data_files: Any = None, progress: bool = True) -> ShardSet:
     """Tokenize ``source`` into shards in ``out`` (see the module docstring); returns the finished set.
 
     Run again on an unfinished folder, it keeps the shards its manifest lists and continues after them;
@@ -256,7 +257,8 @@ def prepare_shards(source: str, out: str | os.PathLike, tokenizer, *, shard_toke
     identity = tokenizer_identity(tokenizer)
     tok_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     settings = {"source": source, "text_field": text_field, "tokenizer_id": tok_id, "shard_tokens": shard_tokens,
-                "val_shards": val_shards, "max_tokens": max_tokens}
+                "val_shards": val_shards, "max_tokens": max_tokens,
+                "hf_data_files": None if hf_data_files is None else str(hf_data_files)}
     meta = {"format": FORMAT, **settings, "tokenizer": tokenizer.name, "eot_token": tokenizer.eot_token,
             **identity, "dtype": token_dtype(tokenizer.n_vocab).name, "shards": [], "complete": False,
             "next_doc": 0, "next_offset": 0}  # the identity's keys flat, as meta.json has them (check_tokenizer)
@@ -277,7 +279,7 @@ def prepare_shards(source: str, out: str | os.PathLike, tokenizer, *, shard_toke
     bar = tqdm(total=max_tokens, initial=writer.written, unit="tok", unit_scale=True, desc=f"prepare {source}",
                disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
-    docs = _numbered(iter_documents(source, text_field), first_doc)
+    docs = _numbered(iter_documents(source, text_field, hf_data_files=hf_data_files), first_doc)
     pool = None
     if (num_proc or 1) > 1:
         ctx = multiprocessing.get_context("spawn")  # the same on Linux, macOS and Windows; no forked torch state
