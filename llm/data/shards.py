@@ -389,7 +389,7 @@ def _remove_unlisted(out: Path, meta: dict) -> None:
     """Shards an interrupted run wrote after its manifest's last entry (or their temp files) are redone."""
     listed = {s["name"] for s in meta["shards"]}
     for p in out.iterdir():
-        if p.suffix == ".bin" and p.name not in listed or p.name.startswith(".") and ".tmp-" in p.name:
+        if (p.suffix == ".bin" and p.name not in listed) or (p.name.startswith(".") and ".tmp-" in p.name):
             p.unlink()
 
 
