@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llm.finetune import classify as C
-from llm.finetune.loop import STATE_NAME, FinetuneRun
+from llm.finetune.loop import STATE_NAME
 from llm.train.optim import lr_at
 from llm.finetune.sft import SFTConfig, add_sft_args, run_sft, sft
 from llm.train.checkpoint import CheckpointError

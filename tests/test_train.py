@@ -22,6 +22,7 @@ from llm.train.checkpoint import (
     load_checkpoint,
     load_model,
     remove_stale_temps,
+    restore_rank_rng,
 )
 from llm.data import TokenLoader
 from llm.model import GPT, GPTConfig
@@ -337,12 +338,11 @@ def test_evaluation_scores_each_val_window_at_most_once(tmp_path, monkeypatch, b
 
 def test_resume_on_another_world_size_gives_ranks_their_own_dropout(tmp_path):
     # A 1-process checkpoint resumed by rank 1 of 2: rank 0's saved state, then a torch reseed.
-    fake = types.SimpleNamespace(dist=types.SimpleNamespace(rank=1, world_size=2), cfg=tiny_cfg(tmp_path), step=5)
+    seed = tiny_cfg(tmp_path).seed
     saved = capture_rng()
-    Trainer._restore_rng(fake, [saved])
+    restore_rank_rng([saved], rank=1, world_size=2, seed=seed, step=5)
     assert torch.initial_seed() == 7 + 1 + 5
-    fake.dist.rank = 0
-    Trainer._restore_rng(fake, [saved])
+    restore_rank_rng([saved], rank=0, world_size=2, seed=seed, step=5)
     assert torch.equal(torch.get_rng_state(), saved["torch"])  # rank 0 continues the saved stream
 
 

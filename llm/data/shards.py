@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import os
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,18 +102,14 @@ def iter_documents(source: str, text_field: str = "text", hf_split: str = "train
     if source.startswith(HF_PREFIX):
         yield from _hf_stream(HFSpec.parse(source, hf_split, text_field, hf_data_files))
         return
-    from .sources import local_files
+    from .sources import iter_jsonl, local_files
 
-    files = _data_files(source) or local_files(source)
-    for path in files:
+    for path in local_files(source, folder_suffixes=(".jsonl", ".parquet", ".txt")):
         if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for i, line in enumerate(f, 1):
-                    if line.strip():
-                        row = json.loads(line)
-                        if text_field not in row:
-                            raise ValueError(f"{path}, line {i}: no field {text_field!r} (has {sorted(row)[:8]})")
-                        yield row[text_field] or ""
+            for i, row in iter_jsonl(path):
+                if text_field not in row:
+                    raise ValueError(f"{path}, line {i}: no field {text_field!r} (has {sorted(row)[:8]})")
+                yield row[text_field] or ""
         elif path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -123,20 +120,6 @@ def iter_documents(source: str, text_field: str = "text", hf_split: str = "train
                 yield from (t or "" for t in batch.column(0).to_pylist())
         else:
             yield path.read_text(encoding="utf-8")
-
-
-def _data_files(source: str) -> list[Path]:
-    """jsonl / parquet files named by ``source`` (a file, a folder holding them, or a glob)."""
-    import glob
-
-    p = Path(source)
-    if p.is_dir():
-        found = sorted(q for q in p.rglob("*") if q.suffix in (".jsonl", ".parquet"))
-    elif any(c in source for c in "*?["):
-        found = sorted(Path(q) for q in glob.glob(source, recursive=True) if Path(q).suffix in (".jsonl", ".parquet"))
-    else:
-        found = [p] if p.suffix in (".jsonl", ".parquet") and p.is_file() else []
-    return found
 
 
 def _hf_stream(spec: HFSpec) -> Iterator[str]:
@@ -320,7 +303,7 @@ class _ShardWriter:
     def __init__(self, out: Path, meta: dict, tokenizer, tok_id: str):
         self.out, self.meta, self.tokenizer, self.tok_id = out, meta, tokenizer, tok_id
         self.dtype, self.size = np.dtype(meta["dtype"]), meta["shard_tokens"]
-        self.segments: list[list] = []  # [doc, offset of ids[0] in the document, ids]
+        self.segments: deque[list] = deque()  # [doc, offset of ids[0] in the document, ids]
         self.have, self.last_doc = 0, meta["next_doc"] - 1
         self.written = sum(s["tokens"] for s in meta["shards"])
 
@@ -345,7 +328,7 @@ class _ShardWriter:
             parts.append(seg[2][:take])
             seg[1], seg[2], left = seg[1] + take, seg[2][take:], left - take
             if not len(seg[2]):
-                self.segments.pop(0)
+                self.segments.popleft()
         tokens = np.concatenate(parts)
         if tokens.max(initial=0) > np.iinfo(self.dtype).max:
             raise ValueError(f"token id {tokens.max()} does not fit in {self.dtype.name}")
@@ -372,8 +355,6 @@ def _numbered(texts: Iterator[str], first: int) -> Iterator[tuple[int, str]]:
 def _parallel(pool, docs: Iterator[tuple[int, str]], in_flight: int) -> Iterator[tuple[int, np.ndarray]]:
     """Documents tokenized by the pool in order, at most ``in_flight`` tasks ahead (``Pool.imap`` would
     read the whole input ahead into memory)."""
-    from collections import deque
-
     pending: deque = deque()
     for batch in _chunks(docs, DOCS_PER_TASK):
         pending.append(([i for i, _ in batch], pool.apply_async(_encode_texts, ([t for _, t in batch],))))

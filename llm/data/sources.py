@@ -17,7 +17,10 @@ joins documents with ``<|endoftext|>`` so the model learns where one text ends a
 from __future__ import annotations
 
 import glob
+import gzip
+import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,8 +104,9 @@ def resolve_source(
     return [Document(name=str(p), path=p) for p in local_files(source)]
 
 
-def local_files(source: str) -> list[Path]:
-    """The files a path, folder or glob stands for, sorted so the token order is reproducible."""
+def local_files(source: str, folder_suffixes: tuple[str, ...] = (".txt",)) -> list[Path]:
+    """The files a path, folder or glob stands for, sorted so the token order is reproducible; in a
+    folder (recursively), those ending in one of ``folder_suffixes``."""
     expanded = os.path.expanduser(source)
     if is_glob(source):
         files = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
@@ -113,9 +117,9 @@ def local_files(source: str) -> list[Path]:
     if path.is_file():
         return [path.resolve()]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in folder_suffixes)
         if not files:
-            raise FileNotFoundError(f"no *.txt files in folder {source!r}")
+            raise FileNotFoundError(f"no {' or '.join('*' + s for s in folder_suffixes)} files in folder {source!r}")
         return [p.resolve() for p in files]
     if _looks_like_path(source):
         raise FileNotFoundError(f"no such file or folder: {source!r}")
@@ -124,6 +128,24 @@ def local_files(source: str) -> list[Path]:
         f"unknown data source {source!r}: not a known corpus ({known}), an existing file or "
         f"folder, a glob, or 'hf:<dataset_name>[:<config>]'"
     )
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each line of a JSON-lines file, read as it goes (gzipped when it ends in
+    .gz); blank lines are skipped, and a line that is not a JSON object is a ValueError naming it."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}, line {n}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(record).__name__}")
+            yield n, record
 
 
 def _looks_like_path(source: str) -> bool:

@@ -7,14 +7,13 @@
 from __future__ import annotations
 
 import contextlib
-import gzip
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from ..data.sources import iter_jsonl
 from ..generate import stream
 
 __all__ = ["generate_until", "read_jsonl", "truncate_at_stops"]
@@ -25,20 +24,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    records = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {n}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
+    return [record for _, record in iter_jsonl(path)]
 
 
 def truncate_at_stops(text: str, stops: Sequence[str]) -> str:

@@ -24,7 +24,7 @@ from torch import nn
 from ..train import train_setup
 from .classify_data import balance, encode_batch, label_names, load_labelled, split
 from .common import (FinetuneConfig, FinetuneRun, _opt, add_config_args, config_from_args, finish_and_save,
-                              load_start_model, load_tokenizer, log)
+                     load_start_model, load_tokenizer, log)
 from .lora import describe_trainable
 
 __all__ = ["ClassifyConfig", "classify", "make_classifier", "set_trainable", "class_logits", "predict",

@@ -212,6 +212,19 @@ def load_tokenizer(cfg: FinetuneConfig, source: dict, model: GPT):
     return tokenizer
 
 
+def load_splits(cfg: FinetuneConfig, keys, command: str, unit: str) -> tuple[list, list, list]:
+    """(train, val, test) records of ``cfg.data`` (llm/finetune/instruct.py's 85/10/5 split); ValueError
+    when the training or validation split is empty."""
+    from .instruct import load_records, split_records
+
+    records = load_records(cfg.data, keys, cfg.limit)
+    train, val, test = split_records(records, seed=cfg.split_seed)
+    if not train or not val:
+        raise ValueError(f"{len(records)} records give {len(train)} train and {len(val)} validation {unit}; "
+                         f"{command} needs both (use at least 20 records)")
+    return train, val, test
+
+
 def maybe_apply_lora(model: GPT, cfg: FinetuneConfig) -> None:
     if cfg.lora_rank > 0:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..train import train_setup
-from .common import (FinetuneConfig, FinetuneRun, _opt, add_config_args, config_from_args, load_start_model,
-                              load_tokenizer, log, maybe_apply_lora, save_results)
-from .instruct import EOT, IGNORE_INDEX, encode_parts, load_records, split_records
+from .common import (FinetuneConfig, FinetuneRun, _opt, add_config_args, config_from_args, load_splits,
+                     load_start_model, load_tokenizer, log, maybe_apply_lora, save_results)
+from .instruct import EOT, IGNORE_INDEX, encode_parts
 from ..scoring import sequence_logprobs
 
 __all__ = ["DPOConfig", "dpo", "dpo_loss", "dpo_batch_loss", "collate_pairs", "PreferenceDataset",
@@ -168,11 +168,7 @@ def collate_pairs(batch, *, pad_token_id: int = EOT, ignore_index: int = IGNORE_
 def dpo(cfg: DPOConfig) -> dict:
     """Run DPO as ``cfg`` says; returns a summary dict (first/final metrics, losses, paths)."""
     cfg.validate()
-    records = load_records(cfg.data, PREFERENCE_KEYS, cfg.limit)
-    train, val, test = split_records(records, seed=cfg.split_seed)
-    if not train or not val:
-        raise ValueError(f"{len(records)} records give {len(train)} train and {len(val)} validation pairs; "
-                         "DPO needs both (use at least 20 records)")
+    train, val, test = load_splits(cfg, PREFERENCE_KEYS, "DPO", "pairs")
     with FinetuneRun(cfg, "dpo") as run, train_setup.kernels_backend(cfg.kernels):
         device, precision = run.device, run.precision
         autocast, compute_dtype = precision.autocast, precision.name

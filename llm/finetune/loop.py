@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..train import distributed, flops, train_setup
-from ..train.checkpoint import CheckpointError, RunLock, atomic_save, capture_rng, restore_rng
+from ..train.checkpoint import CheckpointError, RunLock, atomic_save, capture_rng, check_resume_settings, restore_rank_rng
 
 STATE_NAME, STATE_FORMAT = "state.pt", "llm-finetune-state-v1"
 # What a resumed run may change: how long it trains, how it evaluates and reports, and how it runs.
@@ -88,15 +88,7 @@ def resumed_config(cls: type, out_dir: str | os.PathLike, kind: str, typed: dict
 
 def check_same_run(saved: dict, cfg, saved_world: int, world: int) -> None:
     """ValueError naming the flag when a setting outside :data:`CHANGEABLE_ON_RESUME` differs."""
-    for name, now in asdict(cfg).items():
-        if name in CHANGEABLE_ON_RESUME or name not in saved:
-            continue
-        was = saved[name]
-        same = was * saved_world == now * world if name == "batch_size" else was == now
-        if not same:
-            worlds = f" (world size {saved_world} then, {world} now)" if name == "batch_size" else ""
-            raise ValueError(f"--{name.replace('_', '-')} cannot change when resuming: the run used {name}={was!r}, "
-                             f"this asks for {now!r}{worlds}; start a new run (another --out-dir) to change it")
+    check_resume_settings(saved, asdict(cfg), lambda name: name not in CHANGEABLE_ON_RESUME, saved_world, world)
 
 
 class FinetuneRun:
@@ -117,6 +109,7 @@ class FinetuneRun:
         self.precision = train_setup.choose_precision(device, cfg.dtype)
         self.state: dict | None = None
         self.metrics = None
+        self._order: tuple[int | None, list[int]] = (None, [])  # (epoch, its shuffled item order)
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "FinetuneRun":
@@ -179,7 +172,10 @@ class FinetuneRun:
         """This rank's item indices for each accumulation micro-batch of ``step`` (1-based)."""
         cfg, W, r = self.cfg, self.dist.world_size, self.dist.rank
         epoch, k = divmod(step - 1, steps_per_epoch)
-        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        if self._order[0] != epoch:  # drawn once an epoch, not every step
+            gen = torch.Generator().manual_seed(cfg.seed + epoch)
+            self._order = (epoch, torch.randperm(n_items, generator=gen).tolist())
+        order = self._order[1]
         B, A = cfg.batch_size, cfg.grad_accum_steps
         return [order[(k * W * A + a * W + r) * B:(k * W * A + a * W + r + 1) * B] for a in range(A)]
 
@@ -215,10 +211,7 @@ class FinetuneRun:
             if precision.scaler.is_enabled() and state.get("grad_scaler"):
                 precision.scaler.load_state_dict(state["grad_scaler"])
             step, tokens, first, last = state["step"], state["tokens"], state["first_eval"], state["last_eval"]
-            rng = state["rng"]
-            restore_rng(rng[dist.rank] if len(rng) == dist.world_size else rng[0])
-            if len(rng) != dist.world_size and dist.rank > 0:
-                torch.manual_seed(cfg.seed + dist.rank + step)  # a new world size: own dropout per rank
+            restore_rank_rng(state["rng"], dist.rank, dist.world_size, cfg.seed, step)
         else:
             step, tokens = 0, 0
             if dist.rank > 0:

@@ -20,9 +20,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..train import train_setup
-from .common import (FinetuneConfig, FinetuneRun, _opt, add_config_args, config_from_args, load_start_model,
-                              load_tokenizer, log, maybe_apply_lora, save_results)
-from .instruct import IGNORE_INDEX, INSTRUCTION_KEYS, InstructionDataset, collate, load_records, split_records
+from .common import (FinetuneConfig, FinetuneRun, _opt, add_config_args, config_from_args, load_splits,
+                     load_start_model, load_tokenizer, log, maybe_apply_lora, save_results)
+from .instruct import IGNORE_INDEX, INSTRUCTION_KEYS, InstructionDataset, collate
 
 __all__ = ["SFTConfig", "sft", "evaluate_loss", "add_sft_args", "run_sft"]
 
@@ -77,11 +77,7 @@ def _keep_learnable(ds: InstructionDataset, max_len: int, mask_prompt: bool, spl
 def sft(cfg: SFTConfig) -> dict:
     """Run supervised fine-tuning as ``cfg`` says; returns a summary dict (losses, paths, counts)."""
     cfg.validate()
-    records = load_records(cfg.data, INSTRUCTION_KEYS, cfg.limit)
-    train, val, test = split_records(records, seed=cfg.split_seed)
-    if not train or not val:
-        raise ValueError(f"{len(records)} records give {len(train)} train and {len(val)} validation records; "
-                         "SFT needs both (use at least 20 records)")
+    train, val, test = load_splits(cfg, INSTRUCTION_KEYS, "SFT", "records")
     with FinetuneRun(cfg, "sft") as run, train_setup.kernels_backend(cfg.kernels):
         device, precision = run.device, run.precision
         autocast, compute_dtype = precision.autocast, precision.name

@@ -196,6 +196,47 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+def restore_rank_rng(rng: list[dict], rank: int, world_size: int, seed: int, step: int) -> None:
+    """Each rank continues its own saved RNG streams (``rng``: one entry per rank of the saved run).
+
+    When the world size changed there is no saved state for most ranks: all take rank 0's (Python and
+    NumPy streams stay in step), and ranks > 0 then reseed torch, or every rank would draw the same
+    dropout masks.  The step keeps the seed from repeating a run start's.
+    """
+    if len(rng) == world_size:
+        restore_rng(rng[rank])
+        return
+    restore_rng(rng[0])
+    if rank > 0:
+        torch.manual_seed(seed + rank + step)
+
+
+def check_resume_settings(saved: dict, now: dict, fixed: Callable[[str], bool], saved_world_size: int = 1,
+                          world_size: int = 1) -> dict[str, tuple]:
+    """Compare a resumed run's settings ``now`` with the ``saved`` ones of its checkpoint.
+
+    Raises ValueError naming the flag and both values when a setting for which ``fixed(name)`` is true
+    differs; returns ``{name: (saved, now)}`` of the other settings that changed.  ``batch_size`` is
+    per process, so what must stay is ``batch_size * world_size`` (the global batch).
+    """
+    changed = {}
+    for name, value in now.items():
+        if name not in saved:
+            continue
+        was = saved[name]
+        same = was * saved_world_size == value * world_size if name == "batch_size" else was == value
+        if same:
+            continue
+        if fixed(name):
+            flag = "--" + name.replace("_", "-")
+            worlds = f" (world size {saved_world_size} then, {world_size} now)" if name == "batch_size" else ""
+            raise ValueError(f"{flag} cannot change when resuming: the checkpoint's run used {name}={was!r}, "
+                             f"this run asks for {value!r}{worlds}; it decides the model or the training data, "
+                             "so start a new run (another --out-dir) to change it")
+        changed[name] = (was, value)
+    return changed
+
+
 def _as_tuple(x):
     # random.setstate wants tuples all the way down; a save/load round trip may turn them to lists.
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x

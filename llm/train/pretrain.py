@@ -31,7 +31,8 @@ from kernels import BACKENDS
 
 from . import distributed, flops, train_setup
 from .checkpoint import (FORMAT, CheckpointError, RunLock, atomic_save, capture_rng, check_resumable,
-                         load_checkpoint, load_model, remove_stale_temps, restore_rng, to_plain)
+                         check_resume_settings, load_checkpoint, load_model, remove_stale_temps, restore_rank_rng,
+                         to_plain)
 from .optim import configure_optimizer, lr_at, set_lr
 from .tracking import TENSORBOARD_DIR, WANDB_ID_FILE, TrackingConfig, make_sinks
 from .train_log import MetricsLog, plot_losses
@@ -176,25 +177,8 @@ def check_resume_config(saved: dict, cfg: TrainConfig, saved_world_size: int = 1
     differs; returns ``{name: (saved, now)}`` of the other settings that changed.  ``batch_size``
     is per process, so what must stay is ``batch_size * world_size`` (the loader's global batch).
     """
-    changed = {}
-    for name, now in asdict(cfg).items():
-        if name not in saved or name in NOT_COMPARED_ON_RESUME:
-            continue
-        was = saved[name]
-        if name == "batch_size":
-            same = was * saved_world_size == now * world_size
-        else:
-            same = was == now
-        if same:
-            continue
-        if name in FIXED_ON_RESUME:
-            flag = "--" + name.replace("_", "-")
-            worlds = f" (world size {saved_world_size} then, {world_size} now)" if name == "batch_size" else ""
-            raise ValueError(f"{flag} cannot change when resuming: the checkpoint's run used {name}={was!r}, "
-                             f"this run asks for {now!r}{worlds}; it decides the model or the training data, "
-                             "so start a new run (another --out-dir) to change it")
-        changed[name] = (was, now)
-    return changed
+    now = {k: v for k, v in asdict(cfg).items() if k not in NOT_COMPARED_ON_RESUME}
+    return check_resume_settings(saved, now, FIXED_ON_RESUME.__contains__, saved_world_size, world_size)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -410,6 +394,8 @@ class Trainer:
             self.train_tokens = shards.open_shard(self.shards.train_paths[0])
             self.val_tokens = shards.open_shard(self.shards.val_paths[0])
             return
+        if self.cfg.loader == "shards":
+            raise ValueError(f"--loader shards reads a folder of `llm prepare --shards`; --data {self.cfg.data} is not one")
         # Rank 0 tokenizes (and caches) first; the others then read its cache instead of racing it.
         if not self.dist.is_main:
             torch.distributed.barrier()
@@ -442,20 +428,8 @@ class Trainer:
         self.loader.load_state_dict(ckpt["loader"])
         self.step, self.tokens_seen = ckpt["step"], ckpt["tokens"]
         self.initial_val_loss = ckpt["initial_val_loss"]
-        self._restore_rng(ckpt["rng"])
+        restore_rank_rng(ckpt["rng"], self.dist.rank, self.dist.world_size, self.cfg.seed, self.step)
         self._print(f"resumed from {self.ckpt_path} at step {self.step}")
-
-    def _restore_rng(self, rng: list[dict]) -> None:
-        """Each rank continues its own saved RNG streams (one entry per rank in the checkpoint)."""
-        if len(rng) == self.dist.world_size:
-            restore_rng(rng[self.dist.rank])
-            return
-        # The world size changed, so there is no saved state for most ranks: all take rank 0's
-        # (Python/NumPy streams stay in step), and ranks > 0 then reseed torch, or every rank
-        # would draw the same dropout masks.  The step keeps the seed from repeating a run start's.
-        restore_rng(rng[0])
-        if self.dist.rank > 0:
-            torch.manual_seed(self.cfg.seed + self.dist.rank + self.step)
 
     def _wrap(self, model):
         if self.cfg.compile:
