@@ -23,8 +23,8 @@ def test_mfu_pct_and_no_made_up_peak_on_cpu():
 
 # ------------------------------------------------------------------------------ --logger (llm/train/tracking.py)
 
-import json  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 import types  # noqa: E402
 
 import pytest  # noqa: E402
@@ -141,7 +141,12 @@ def test_a_real_offline_wandb_run_needs_no_account(tmp_path, monkeypatch):
     train(TrainConfig(**dict(RUN, max_steps=2, eval_interval=0, out_dir=str(tmp_path), logger="wandb")))
     run_id = (tmp_path / WANDB_ID_FILE).read_text().strip()
     (log,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
-    data = log.read_bytes()  # protobuf records: the keys are there verbatim
-    for key in (b"train/loss", b"train/tok_per_s", b"train/peak_mem_mb", b"eval/val_loss"):
+    keys = (b"train/loss", b"train/tok_per_s", b"train/peak_mem_mb", b"eval/val_loss")
+    # wandb's service process writes the run file after finish() has returned (CI once read only its
+    # 7-byte header): wait for it, up to a minute
+    deadline = time.monotonic() + 60
+    while not all(key in (data := log.read_bytes()) for key in keys) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for key in keys:  # protobuf records: the keys are there verbatim
         assert key in data, key
-    assert json.loads(json.dumps(read_metrics(tmp_path / "metrics.jsonl")))[-1]["step"] == 2
+    assert read_metrics(tmp_path / "metrics.jsonl")[-1]["step"] == 2
